@@ -1,0 +1,140 @@
+"""Shared config blocks and the `file.py:arg` parser (big_vision style).
+
+Every config file is `get_config(arg) -> ConfigDict`. `arg` is a comma list of `key=value`
+or bare flags, e.g. `configs/voc/cam.py:runlocal` or `:backbone=resnet50,runlocal`. Unknown
+keys fail with a message that lists the accepted ones.
+
+Config contract (scripts and notebooks rely on these names): `stages`, `method`, `seed`,
+`data.name`, `data.root`, `data.train_split`, `data.sweep_split`, `data.val_split`,
+`model.backbone`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections as mlc
+
+from wsss_jax.data import sources
+from wsss_jax.data import voc_builder
+
+# Stages in pipeline order; `config.stages` lists a subset in this order.
+ALL_STAGES = ("data", "train", "cams", "sweep", "pseudo", "seg", "evaluate")
+
+# The package owns these; configs re-export them for config files.
+VOC_CLASSES = voc_builder.VOC_CLASSES
+default_cache_dir = sources.default_cache_dir
+
+
+def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:
+  """Parses `k=v,flag` into a ConfigDict typed by the defaults in `spec`.
+
+  Raises:
+    ValueError: on a key not in `spec`, naming the accepted keys.
+  """
+  out = mlc.ConfigDict(spec)
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, value = item.partition("=")
+    if key not in spec:
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}; accepted: {sorted(spec)}")
+    default = spec[key]
+    if isinstance(default, bool):
+      if has_value and value.lower() not in ("true", "false", "1", "0", ""):
+        raise ValueError(f"Config argument {key!r} wants a boolean, got {value!r}")
+      out[key] = (not has_value) or value.lower() in ("true", "1", "")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def data_config(name: str, runlocal: bool) -> mlc.ConfigDict:
+  """The `config.data` block: which dataset, where, and how it is augmented."""
+  d = mlc.ConfigDict()
+  d.name = name                # synthetic | voc | coco
+  d.root = ""                  # VOC-layout folder (voc), COCO root (coco); unused by synthetic
+  d.cache_dir = ""             # '' -> default_cache_dir(); prepared array_record files
+  d.train_split = "train"      # VOC 2012 users: train_aug
+  d.sweep_split = "train"      # where CAMs and pseudo-labels are scored
+  d.val_split = "val"          # where the segmentation model is scored
+  d.on_bad_input = "error"     # error | skip (skip logs each bad example and a count)
+  d.class_names = ()           # () -> from classes.txt / the dataset's defaults
+  # Synthetic generator (ignored for other datasets).
+  d.synthetic = mlc.ConfigDict(dict(
+      num_train=400 if runlocal else 2000, num_val=100 if runlocal else 500,
+      image_size=128, seed=0, cooccurrence=0.8, max_objects=3))
+  # Augmentation / batching.
+  d.crop_size = 128 if runlocal else 448
+  d.scale_range = (0.7, 1.3) if runlocal else (0.5, 1.5)
+  d.flip = True
+  d.color_jitter = 0.3         # brightness/contrast/saturation strength; 0 disables
+  d.eval_pad_size = 0          # 0 -> max image side of the split, rounded up to 32
+  d.batch_size = 16            # global batch
+  d.eval_batch_size = 8        # global batch for inference stages
+  d.num_workers = 0            # grain multiprocessing workers (0 = in-process)
+  d.prefetch = 2
+  return d
+
+
+def mesh_config() -> mlc.ConfigDict:
+  """`config.mesh`: devices on axis `data` (-1 = all); step implementation."""
+  return mlc.ConfigDict(dict(data=-1, step_impl="jit"))  # jit | shard_map
+
+
+def optim_config(runlocal: bool) -> mlc.ConfigDict:
+  """`config.optim`: optax optimizer, schedule and parameter groups."""
+  o = mlc.ConfigDict()
+  o.name = "sgd"               # sgd | nesterov | adamw
+  o.lr = 0.01 if runlocal else 0.01
+  o.momentum = 0.9
+  o.weight_decay = 1e-4
+  o.schedule = "poly"          # poly | cosine | constant
+  o.poly_power = 0.9
+  o.warmup_steps = 0
+  o.clip_global_norm = 0.0     # 0 disables
+  # Learning-rate multipliers per parameter group (METHODS.md §1.4).
+  o.lr_mult = mlc.ConfigDict(dict(pretrained=1.0, pretrained_bias=2.0, head=10.0,
+                                  head_bias=20.0))
+  o.no_decay_bias = True
+  o.frozen = ()                # regexes of parameter paths that do not train
+  o.pretrained_regex = "^backbone(/|$)"  # paths that get the `pretrained` multipliers
+  o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8   # adamw
+  return o
+
+
+def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
+  """The full default config; method/dataset files adjust it."""
+  c = mlc.ConfigDict()
+  c.method = method
+  c.seed = 0
+  c.stages = ",".join(ALL_STAGES)
+  c.data = data_config(dataset, runlocal)
+  c.mesh = mesh_config()
+  c.optim = optim_config(runlocal)
+  c.model = mlc.ConfigDict(dict(
+      backbone="efficientnet_lite0" if runlocal else "resnet50",
+      pretrained=True,          # real ImageNet weights (see WEIGHTS.md); False = random init
+      weights_path="",          # torchvision/timm file for ResNet; '' = none available
+      output_stride=16,
+      norm="batch",             # batch | group (heads)
+      frozen_bn=False,
+      pool="gap",               # gap | tap
+      dtype="float32",          # compute dtype: float32 | bfloat16
+  ))
+  c.train = mlc.ConfigDict(dict(
+      num_steps=150 if runlocal else 8000, log_every=10 if runlocal else 50,
+      ckpt_every=50 if runlocal else 1000, eval_every=0, keep_checkpoints=2,
+      tensorboard=False, progress=True))
+  # CAM method: images without a foreground label train as all-negative unless ignored
+  # (the reference repos' `ignore_bg_images`, METHODS.md §1.4).
+  c.cam_train = mlc.ConfigDict(dict(ignore_bg_images=False))
+  c.cams = mlc.ConfigDict(dict(scales=(0.5, 1.0, 1.5, 2.0), flip=True))
+  c.sweep = mlc.ConfigDict(dict(thresholds=tuple(round(0.05 * i, 2) for i in range(1, 17))))
+  c.pseudo = mlc.ConfigDict(dict(
+      mode="crf",               # threshold | double | crf (ops/pseudo_labels.py)
+      fg_threshold=-1.0,        # < 0: the sweep's best threshold
+      bg_threshold=0.05, crf="label", crf_iters=10))
+  c.seg = mlc.ConfigDict(dict(
+      pseudo_source="pseudo",   # pseudo | gt (fully supervised upper bound)
+      num_steps=150 if runlocal else 20000, lr=0.007, batch_size=16,
+      scales=(1.0,) if runlocal else (0.5, 1.0, 1.5, 2.0), flip=True, crf=False))
+  return c

@@ -1,0 +1,137 @@
+"""The pipeline end to end through the real command line, on a tiny synthetic set.
+
+One module-scoped run in two processes: the first stops after `cams` (as a run killed
+between stages would), the second runs every stage and must reuse what exists.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import REPO_ROOT
+
+CONFIG = os.path.join(REPO_ROOT, "configs", "synthetic", "cam.py") + ":runlocal"
+TINY = [
+    "--config.data.synthetic.num_train=16", "--config.data.synthetic.num_val=8",
+    "--config.data.synthetic.image_size=64", "--config.data.crop_size=64",
+    "--config.data.batch_size=8", "--config.data.eval_batch_size=8",
+    "--config.train.num_steps=2", "--config.train.ckpt_every=1",
+    "--config.train.log_every=1", "--config.train.progress=False",
+    "--config.train.eval_every=2",
+    "--config.seg.num_steps=2", "--config.seg.batch_size=8",
+    "--config.cams.scales=(1.0,)", "--config.pseudo.crf_iters=2",
+]
+NUM_CLASSES = 11
+
+
+def wsss(workdir, cache, *extra):
+  env = {**os.environ, "WSSS_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop run
+  proc = subprocess.run(
+      [sys.executable, "-m", "wsss_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+       *TINY, *extra], capture_output=True, text=True, timeout=1200, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("stages")
+  workdir, cache = root / "work", root / "cache"
+  wsss(workdir, cache, "--config.stages=data,train,cams")
+  variables = workdir / "train" / "final_variables.msgpack"
+  first = {"variables_mtime": variables.stat().st_mtime_ns}
+  proc = wsss(workdir, cache)
+  return {"workdir": workdir, "cache": cache, "first": first, "stdout": proc.stdout}
+
+
+def _results(workdir):
+  with open(workdir / "results.json") as f:
+    return json.load(f)
+
+
+def test_results_json_schema(run):
+  r = _results(run["workdir"])
+  for key in ("cam_miou", "pseudo_miou", "seg_miou", "train_map", "cam_threshold"):
+    assert isinstance(r[key], float), key
+  for key in ("cam_miou", "pseudo_miou", "seg_miou"):
+    assert 0.0 <= r[key] <= 1.0
+  for key in ("cam_per_class_iou", "pseudo_per_class_iou", "seg_per_class_iou"):
+    assert len(r[key]) == NUM_CLASSES
+  assert set(r["timings"]) == {"data", "train", "cams", "sweep", "pseudo", "seg", "evaluate"}
+  assert {"jax", "flax", "optax", "wsss_jax"} <= set(r["versions"])
+  assert r["method"] == "cam" and r["dataset"] == "synthetic"
+  assert "cam_miou" in run["stdout"]  # the closing table
+
+
+def test_sweep_picks_the_best_threshold(run):
+  with open(run["workdir"] / "sweep.json") as f:
+    sweep = json.load(f)
+  best = int(np.argmax(sweep["miou"]))
+  assert sweep["best_threshold"] == sweep["thresholds"][best]
+  assert _results(run["workdir"])["cam_miou"] == pytest.approx(max(sweep["miou"]))
+
+
+def test_outputs_on_disk(run):
+  w = run["workdir"]
+  for name in ("cam_overlays", "pseudo_gallery", "threshold_curve", "per_class_iou",
+               "seg_gallery"):
+    assert (w / "figures" / f"{name}.png").stat().st_size > 0
+  pngs = sorted((w / "pseudo").glob("*.png"))
+  assert len(pngs) == 16
+  for p in pngs[:4]:
+    im = Image.open(p)
+    assert im.mode == "P"
+    assert set(np.unique(np.asarray(im)).tolist()) <= set(range(NUM_CLASSES)) | {255}
+  assert len(list((w / "cams" / "train").glob("*.npz"))) == 16
+  assert (w / "train" / "metrics.jsonl").exists() and (w / "seg" / "metrics.jsonl").exists()
+  with open(w / "train" / "metrics.jsonl") as f:
+    evals = [json.loads(line) for line in f if "eval/map" in line]
+  assert [e["step"] for e in evals] == [2] and 0.0 <= evals[0]["eval/map"] <= 1.0
+
+
+def test_second_run_reused_finished_stages(run):
+  variables = run["workdir"] / "train" / "final_variables.msgpack"
+  assert variables.stat().st_mtime_ns == run["first"]["variables_mtime"]
+
+
+def test_partial_cams_are_completed_identically(run):
+  w = run["workdir"]
+  cam_dir = w / "cams" / "train"
+  victims = sorted(cam_dir.glob("*.npz"))[:3]
+  saved = {p.name: dict(np.load(p)) for p in victims}
+  for p in victims:
+    p.unlink()
+  (cam_dir / "complete.json").unlink()
+  wsss(w, run["cache"], "--config.stages=cams")
+  for name, arrays in saved.items():
+    again = np.load(cam_dir / name)
+    for key, value in arrays.items():
+      np.testing.assert_array_equal(again[key], value)
+
+
+def test_ground_truth_upper_bound(run):
+  w = run["workdir"]
+  wsss(w, run["cache"], "--config.stages=seg,evaluate", "--config.seg.pseudo_source=gt")
+  r = _results(w)
+  assert 0.0 <= r["seg_gt_miou"] <= 1.0 and len(r["seg_gt_per_class_iou"]) == NUM_CLASSES
+  assert (w / "seg_gt" / "final_variables.msgpack").exists()
+  assert "seg_miou" in r  # the pseudo-label model's score is kept beside it
+
+
+def test_seg_refuses_to_resume_from_other_pseudo_labels(run, tmp_path):
+  from wsss_jax.stages import seg as seg_stage
+  w = run["workdir"]
+  with open(w / "seg" / "inputs.json") as f:
+    inputs = json.load(f)
+  assert inputs["pseudo_source"] == "pseudo" and "pseudo" in inputs
+  changed = json.loads(json.dumps(inputs))
+  changed["pseudo"]["bg_threshold"] = 0.5
+  with pytest.raises(ValueError, match="Delete"):
+    seg_stage.check_inputs(str(w / "seg"), changed)
+  seg_stage.check_inputs(str(w / "seg"), inputs)  # same inputs: resumes quietly

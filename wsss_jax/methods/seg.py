@@ -1,0 +1,70 @@
+"""Segmentation training on (pseudo-)labels: DeepLabV3+ with pixel cross-entropy.
+
+The one segmentation stage for all methods (DESIGN.md "Decisions"). Loss: softmax
+cross-entropy of the stride-4 logits upsampled (bilinear, half-pixel) to the crop size,
+averaged over pixels whose label is not 255, with optional label smoothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wsss_jax.methods import base
+from wsss_jax.ops import resize
+
+IGNORE = 255
+
+
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
+                        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Sum and count of per-pixel CE over labelled pixels.
+
+  Args:
+    logits: float [B, H, W, C].
+    labels: int [B, H, W] class ids, 255 = ignore.
+    label_smoothing: ε; the target is (1-ε)·onehot + ε/C.
+
+  Returns:
+    (sum of CE over valid pixels, number of valid pixels), float32 scalars.
+  """
+  num_classes = logits.shape[-1]
+  valid = labels != IGNORE
+  target = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.sum(target * logp, axis=-1)
+  return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def make_seg_method(config: Any, num_classes: int, *,
+                    model: nn.Module | None = None) -> base.Method:
+  """DeepLabV3+ (`config.model`) trained with `pixel_cross_entropy`."""
+  load_pretrained = None
+  if model is None:
+    from wsss_jax import models
+    model = models.build_model(config.model, num_classes, kind="deeplab")
+    if config.model.get("pretrained", False):
+      load_pretrained = lambda variables: models.load_pretrained(config.model, variables)
+  smoothing = float(config.seg.get("label_smoothing", 0.0))
+
+  def loss(params, batch_stats, extra, batch, rng, step, ctx: base.StepContext):
+    del extra, step
+    out, new_bs = ctx.apply(params, batch_stats, batch["image"], rngs={"dropout": rng})
+    size = batch["mask"].shape[1:3]
+    logits = resize.resize_bilinear(out["seg_logits"], size)
+    total, count = pixel_cross_entropy(logits, batch["mask"], smoothing)
+    # Global mean over labelled pixels: sums cross devices under shard_map, so both step
+    # implementations give the same value even with unequal per-device counts.
+    value = ctx.psum(total) / jnp.maximum(ctx.psum(count), 1.0)
+    pred = jnp.argmax(logits, axis=-1)
+    valid = batch["mask"] != IGNORE
+    correct = jnp.sum((pred == batch["mask"]) & valid).astype(jnp.float32)
+    metrics = {"pixel_accuracy": (correct, count),
+               "labelled_fraction": jnp.mean(valid.astype(jnp.float32))}
+    return value, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=None)
+
+  return base.Method(name="seg", model=model, loss=loss, load_pretrained=load_pretrained)

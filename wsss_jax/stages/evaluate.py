@@ -1,0 +1,77 @@
+"""`evaluate` stage: segmentation inference on the val split → mIoU, per-class IoU,
+confusion matrix (`workdir/evaluate.json`), per-class IoU bars and a prediction gallery."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from wsss_jax import methods
+from wsss_jax.data import sources
+from wsss_jax.data import transforms
+from wsss_jax.ops import metrics
+from wsss_jax.ops import seg_inference
+from wsss_jax.stages import figures
+from wsss_jax.stages import inference
+from wsss_jax.stages import seg as seg_stage
+from wsss_jax.stages import workdir as wd
+from wsss_jax.train import mesh as mesh_lib
+
+EVAL_FILE = "evaluate.json"
+GALLERY_SIZE = 6
+
+
+def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  prefix = seg_stage.result_prefix(config)
+  path = os.path.join(workdir, f"{prefix}_{EVAL_FILE}")
+  settings = {"scales": [float(s) for s in config.seg.scales], "flip": bool(config.seg.flip),
+              "crf": bool(config.seg.crf), "split": config.data.val_split}
+  if os.path.exists(path) and wd.read_json(path).get("settings") == settings:
+    return wd.read_json(path)["headline"]
+  meta = sources.prepare(config.data)
+  method = methods.make_method(config, meta.num_classes, name="seg")
+  variables = inference.load_variables(
+      os.path.join(seg_stage.seg_dir(config, workdir), inference.VARIABLES_FILE))
+  forward = inference.apply_fn(method.model, variables)
+
+  def batch_fn(batch):
+    probs = seg_inference.multiscale_probs(lambda x: forward(x)["seg_logits"],
+                                           batch["image"], settings["scales"],
+                                           settings["flip"])
+    if settings["crf"]:
+      images = jnp.clip(transforms.denormalize(batch["image"], as_uint8=False), 0, 255)
+      probs = seg_inference.crf_refine_probs(probs, images, batch["valid"])
+    return {"pred": jnp.argmax(probs, axis=-1).astype(jnp.int32)}
+
+  c = meta.num_classes
+  conf = np.zeros((c, c), np.int64)
+  gallery = []
+  mesh = mesh_lib.make_mesh(config.mesh)
+  for record, out in inference.predict_split(config, config.data.val_split, batch_fn, mesh):
+    h, w = record["mask"].shape
+    pred = out["pred"][:h, :w]
+    conf += metrics.confusion_matrix_np(record["mask"], pred, c)
+    if len(gallery) < GALLERY_SIZE:
+      gallery.append((record, pred))
+  per_class, miou = metrics.iou_from_confusion_np(conf)
+  headline = {f"{prefix}_miou": float(miou),
+              f"{prefix}_per_class_iou": [float(x) for x in per_class],
+              "seg_split": config.data.val_split}
+  figures.label_gallery(
+      os.path.join(workdir, "figures", f"{prefix}_gallery.png"), [r["image"] for r, _ in gallery],
+      {"ground truth": [r["mask"] for r, _ in gallery], "prediction": [p for _, p in gallery]},
+      [r["id"] for r, _ in gallery])
+  results = wd.read_results(workdir)
+  series = {name: results[key] for name, key in (("cam", "cam_per_class_iou"),
+                                                   ("pseudo", "pseudo_per_class_iou"))
+            if key in results}
+  series[prefix] = headline[f"{prefix}_per_class_iou"]
+  figures.per_class_bars(os.path.join(workdir, "figures", "per_class_iou.png"),
+                         meta.class_names, series)
+  # Written last: its presence means every output of the stage exists.
+  wd.write_json(path, {"settings": settings, "headline": headline,
+                       "confusion": conf.tolist(), "class_names": list(meta.class_names)})
+  return headline

@@ -1,0 +1,90 @@
+"""`train` stage: trains `config.method` on the train split, then scores classification.
+
+Outputs: `workdir/train/` (checkpoints, metrics.jsonl) and `train/final_variables.msgpack`
+(the marker that the stage is complete). A killed run resumes from the latest checkpoint,
+grain iterator included. Reports `train_map`: mean average precision of the image-level
+classifier on `data.val_split` (classes with at least one positive image).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections as mlc
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+from wsss_jax import methods
+from wsss_jax.data import pipeline
+from wsss_jax.data import sources
+from wsss_jax.stages import inference
+from wsss_jax.stages import workdir as wd
+from wsss_jax.train import loop
+from wsss_jax.train import mesh as mesh_lib
+
+
+def train_method(config: mlc.ConfigDict, out_dir: str, method: Any, source: Any,
+                 eval_fn: loop.EvalFn | None = None) -> str:
+  """Trains `method` on `source` into `out_dir` (resuming); returns the variables path.
+
+  `eval_fn(state, step)` runs every `config.train.eval_every` steps (0: never).
+  """
+  path = os.path.join(out_dir, inference.VARIABLES_FILE)
+  if os.path.exists(path):
+    return path
+  mesh = mesh_lib.make_mesh(config.mesh)
+  state = loop.train(
+      method, config, out_dir,
+      lambda: pipeline.train_dataset(source, config.data, seed=config.seed, mesh=mesh), mesh,
+      eval_fn=eval_fn if int(config.train.eval_every) > 0 else None)
+  inference.save_variables(path, state.params, state.batch_stats)
+  return path
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, list]:
+  """mAP over classes with at least one positive; per-class AP (NaN where none)."""
+  aps = [float(average_precision_score(labels[:, k], scores[:, k]))
+         if labels[:, k].any() else float("nan") for k in range(labels.shape[1])]
+  return float(np.nanmean(aps)) if not np.all(np.isnan(aps)) else float("nan"), aps
+
+
+def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  meta = sources.prepare(config.data)
+  out_dir = os.path.join(workdir, "train")
+  method = methods.make_method(config, meta.num_classes)
+  mesh = mesh_lib.make_mesh(config.mesh)
+
+  def periodic_eval(state, step):
+    del step
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return {"map": classification_map(config, method.model, variables, mesh)[0]}
+
+  path = train_method(config, out_dir, method,
+                      sources.get_source(config.data, config.data.train_split),
+                      eval_fn=periodic_eval)
+  scores_path = os.path.join(out_dir, "classification.json")
+  if os.path.exists(scores_path):
+    return wd.read_json(scores_path)
+  mean_ap, aps = classification_map(config, method.model, inference.load_variables(path),
+                                    mesh)
+  result = {"train_map": mean_ap, "train_ap_per_class": aps,
+            "train_map_split": config.data.val_split}
+  wd.write_json(scores_path, result)
+  return result
+
+
+def classification_map(config: mlc.ConfigDict, model: Any, variables: dict[str, Any],
+                       mesh: Any) -> tuple[float, list[float]]:
+  """Image-level mAP on `data.val_split` from the model's class maps (masked GAP)."""
+  # Every method's model returns raw class maps `cams` (CONVENTIONS.md).
+  forward = inference.apply_fn(model, variables)
+
+  def batch_fn(batch):
+    return {"logits": inference.masked_mean_logits(forward(batch["image"])["cams"],
+                                                   batch["valid"])}
+
+  scores, labels = [], []
+  for record, out in inference.predict_split(config, config.data.val_split, batch_fn, mesh):
+    scores.append(out["logits"])
+    labels.append(np.asarray(record["labels"]) > 0)
+  return mean_average_precision(np.stack(scores), np.stack(labels))
