@@ -27,13 +27,14 @@ from wsss_jax.train import mesh as mesh_lib
 OVERLAY_COUNT = 6
 
 
-def cam_batch_fn(config: mlc.ConfigDict, forward: Any):
-  """The jittable eval-batch → {'high_res', 'stride4'} CAM function."""
+def cam_batch_fn(config: mlc.ConfigDict, model: Any):
+  """The jittable `(variables, eval batch) → {'high_res', 'stride4'}` CAM function."""
   scales = tuple(float(s) for s in config.cams.scales)
 
-  def batch_fn(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def batch_fn(variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     high, low = cam_ops.multiscale_cams(
-        lambda images: forward(images)["cams"], batch["image"], batch["valid"],
+        lambda images: inference.forward(model, variables, images)["cams"],
+        batch["image"], batch["valid"],
         batch["labels"], scales=scales, flip=bool(config.cams.flip))
     return {"high_res": high, "stride4": low}
 
@@ -55,7 +56,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   method = methods.make_method(config, meta.num_classes)
   variables = inference.load_variables(
       os.path.join(workdir, "train", inference.VARIABLES_FILE))
-  batch_fn = cam_batch_fn(config, inference.apply_fn(method.model, variables))
+  batch_fn = cam_batch_fn(config, method.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   counts = {}
   for split in dict.fromkeys([config.data.train_split, config.data.sweep_split]):
@@ -66,7 +67,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     if cam_store.is_complete(directory, ids):
       continue
     exists = lambda i: os.path.exists(cam_store.cam_path(directory, i))
-    for record, out in inference.predict_split(config, split, batch_fn, mesh, skip=exists):
+    for record, out in inference.predict_split(config, split, batch_fn, mesh,
+                                               variables=variables, skip=exists):
       cam_store.save(directory, record["id"], *crop_cams(record, out))
     cam_store.mark_complete(directory, ids)
   overlays(config, workdir, config.data.sweep_split)

@@ -35,10 +35,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   method = methods.make_method(config, meta.num_classes, name="seg")
   variables = inference.load_variables(
       os.path.join(seg_stage.seg_dir(config, workdir), inference.VARIABLES_FILE))
-  forward = inference.apply_fn(method.model, variables)
-
-  def batch_fn(batch):
-    probs = seg_inference.multiscale_probs(lambda x: forward(x)["seg_logits"],
+  def batch_fn(variables, batch):
+    probs = seg_inference.multiscale_probs(
+        lambda x: inference.forward(method.model, variables, x)["seg_logits"],
                                            batch["image"], settings["scales"],
                                            settings["flip"])
     if settings["crf"]:
@@ -50,7 +49,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   conf = np.zeros((c, c), np.int64)
   gallery = []
   mesh = mesh_lib.make_mesh(config.mesh)
-  for record, out in inference.predict_split(config, config.data.val_split, batch_fn, mesh):
+  for record, out in inference.predict_split(config, config.data.val_split, batch_fn, mesh,
+                                             variables=variables):
     h, w = record["mask"].shape
     pred = out["pred"][:h, :w]
     conf += metrics.confusion_matrix_np(record["mask"], pred, c)

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from wsss_jax import models
 from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
@@ -39,30 +38,28 @@ def load_variables(path: str) -> dict[str, Any]:
     raise ValueError(f"{path}: unreadable weights file ({e}); delete it to retrain") from e
 
 
-def apply_fn(model: Any, variables: dict[str, Any]) -> Callable[[jax.Array], dict]:
-  """`images [B,H,W,3] -> outputs` in inference mode (BatchNorm running statistics)."""
+def forward(model: Any, variables: dict[str, Any], images: jax.Array) -> dict[str, jax.Array]:
+  """Model outputs for `images [B,H,W,3]` in inference mode (BatchNorm running stats)."""
   vs = {"params": variables["params"]}
   if variables.get("batch_stats"):
     vs["batch_stats"] = variables["batch_stats"]
-  return lambda images: model.apply(vs, images, train=False)
-
-
-def trained_model(config: mlc.ConfigDict, num_classes: int, kind: str,
-                  path: str) -> tuple[Any, dict[str, Any]]:
-  """The model of `kind` ('cam' | 'deeplab') and its trained variables from `path`."""
-  return models.build_model(config.model, num_classes, kind), load_variables(path)
+  return model.apply(vs, images, train=False)
 
 
 def predict_split(config: mlc.ConfigDict, split: str,
-                  batch_fn: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],
-                  mesh: jax.sharding.Mesh, *, skip: Callable[[str], bool] | None = None,
+                  batch_fn: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]],
+                  mesh: jax.sharding.Mesh, *, variables: Any = None,
+                  skip: Callable[[str], bool] | None = None,
                   add_inputs: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
                   | None = None
                   ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
   """Runs `batch_fn` over every image of `split`; yields `(record, outputs)` per image.
 
-  `batch_fn` is jitted here and takes the eval batch of CONVENTIONS.md (global arrays,
-  sharded on `data`); its outputs must have the batch axis first. Batches whose images
+  `batch_fn(variables, batch)` is jitted here; `batch` is the eval batch of CONVENTIONS.md
+  (global arrays, sharded on `data`) and its outputs must have the batch axis first.
+  `variables` (e.g. trained weights) are a jit argument, replicated, not constants baked
+  into the program: calling again with new weights (a periodic eval) reuses the compiled
+  function. Batches whose images
   all satisfy `skip(id)` are not computed (resume). `record` is the source record
   (id, image, mask, labels); outputs are host numpy arrays of one image, still padded.
   `add_inputs(batch)` adds host arrays to a batch before it goes to the devices (e.g. CAMs
@@ -74,6 +71,8 @@ def predict_split(config: mlc.ConfigDict, split: str,
   ds = pipeline.eval_dataset(source, config.data, pad_size=pad, batch_size=batch_size,
                              mesh=mesh, oversize="resize")
   fn = jax.jit(batch_fn, out_shardings=mesh_lib.replicated(mesh))
+  variables = jax.device_put({} if variables is None else variables,
+                             mesh_lib.replicated(mesh))
   for batch in ds:
     ids = [str(i) for i in batch["id"]]
     index = np.asarray(batch["index"])
@@ -82,7 +81,7 @@ def predict_split(config: mlc.ConfigDict, split: str,
       continue
     if add_inputs is not None:
       batch = {**batch, **add_inputs(batch)}
-    out = jax.device_get(fn(mesh_lib.to_global(batch, mesh)))
+    out = jax.device_get(fn(variables, mesh_lib.to_global(batch, mesh)))
     for k in live:
       yield source[int(index[k])], {name: value[k] for name, value in out.items()}
 

@@ -88,7 +88,8 @@ def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
   pc = config.pseudo
   params = CRF_PRESETS[pc.crf]
 
-  def batch_fn(batch):
+  def batch_fn(variables, batch):
+    del variables  # pseudo-labels need no model
     images = transforms.denormalize(batch["image"], as_uint8=False)
     return {"pseudo": pseudo_labels.pseudo_labels(
         batch["cams"], batch["labels"], jnp.clip(images, 0, 255), batch["valid"],

@@ -53,11 +53,12 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   out_dir = os.path.join(workdir, "train")
   method = methods.make_method(config, meta.num_classes)
   mesh = mesh_lib.make_mesh(config.mesh)
+  logits_fn = classification_logits_fn(method.model)  # one function: compiled once
 
   def periodic_eval(state, step):
     del step
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return {"map": classification_map(config, method.model, variables, mesh)[0]}
+    return {"map": classification_map(config, logits_fn, variables, mesh)[0]}
 
   path = train_method(config, out_dir, method,
                       sources.get_source(config.data, config.data.train_split),
@@ -65,7 +66,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   scores_path = os.path.join(out_dir, "classification.json")
   if os.path.exists(scores_path):
     return wd.read_json(scores_path)
-  mean_ap, aps = classification_map(config, method.model, inference.load_variables(path),
+  mean_ap, aps = classification_map(config, logits_fn, inference.load_variables(path),
                                     mesh)
   result = {"train_map": mean_ap, "train_ap_per_class": aps,
             "train_map_split": config.data.val_split}
@@ -73,18 +74,23 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   return result
 
 
-def classification_map(config: mlc.ConfigDict, model: Any, variables: dict[str, Any],
+def classification_logits_fn(model: Any):
+  """`(variables, eval batch) -> {'logits': [B, K]}`: masked GAP of the raw class maps."""
+
+  def batch_fn(variables, batch):
+    # Every method's model returns raw class maps `cams` (CONVENTIONS.md).
+    cams = inference.forward(model, variables, batch["image"])["cams"]
+    return {"logits": inference.masked_mean_logits(cams, batch["valid"])}
+
+  return batch_fn
+
+
+def classification_map(config: mlc.ConfigDict, logits_fn: Any, variables: dict[str, Any],
                        mesh: Any) -> tuple[float, list[float]]:
-  """Image-level mAP on `data.val_split` from the model's class maps (masked GAP)."""
-  # Every method's model returns raw class maps `cams` (CONVENTIONS.md).
-  forward = inference.apply_fn(model, variables)
-
-  def batch_fn(batch):
-    return {"logits": inference.masked_mean_logits(forward(batch["image"])["cams"],
-                                                   batch["valid"])}
-
+  """Image-level mAP on `data.val_split` (`logits_fn` from `classification_logits_fn`)."""
   scores, labels = [], []
-  for record, out in inference.predict_split(config, config.data.val_split, batch_fn, mesh):
+  for record, out in inference.predict_split(config, config.data.val_split, logits_fn,
+                                             mesh, variables=variables):
     scores.append(out["logits"])
     labels.append(np.asarray(record["labels"]) > 0)
   return mean_average_precision(np.stack(scores), np.stack(labels))
