@@ -123,11 +123,15 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
   c.train = mlc.ConfigDict(dict(
       num_steps=150 if runlocal else 8000, log_every=10 if runlocal else 50,
       ckpt_every=50 if runlocal else 1000, eval_every=0, keep_checkpoints=2,
-      tensorboard=False, progress=True))
+      tensorboard=False, progress=True,
+      init_from=""))            # '' | 'baseline' | path: warm start (stages/train.py)
+  # The `baseline` stage: the CAM model CSRM warm-starts from and SPML takes CAMs from.
+  c.baseline = mlc.ConfigDict(dict(num_steps=c.train.num_steps, lr=0.0))  # lr 0: optim.lr
   # CAM method: images without a foreground label train as all-negative unless ignored
   # (the reference repos' `ignore_bg_images`, METHODS.md §1.4).
   c.cam_train = mlc.ConfigDict(dict(ignore_bg_images=False))
-  c.cams = mlc.ConfigDict(dict(scales=(0.5, 1.0, 1.5, 2.0), flip=True))
+  c.cams = mlc.ConfigDict(dict(scales=(0.5, 1.0, 1.5, 2.0), flip=True,
+                               variables="train"))  # train | baseline
   c.sweep = mlc.ConfigDict(dict(thresholds=tuple(round(0.05 * i, 2) for i in range(1, 17))))
   c.pseudo = mlc.ConfigDict(dict(
       mode="crf",               # threshold | double | crf (ops/pseudo_labels.py)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tiny_model import TinyCAM, make_batches, tiny_config
+from tiny_model import TinyCAM, make_batches, max_abs_diff, run_steps, tiny_config
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods.base import LossAux, Method
 from wsss_jax.methods.cam import make_cam_method
@@ -18,25 +18,8 @@ NUM_CLASSES = 5  # background + 4
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
-def _run(method, cfg, n_dev, impl, batches):
-  cfg.mesh.data = n_dev
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  opt = state_lib.make_optimizer_for(method, cfg, batches[0])
-  state = state_lib.create_train_state(method, cfg, mesh, batches[0], optimizer=opt)
-  step = step_lib.make_train_step(method, opt, mesh, cfg, step_impl=impl)
-  history = []
-  for b in batches:
-    state, metrics = step(state, mesh_lib.to_global(b, mesh))
-    history.append(jax.device_get(metrics))
-  leaf = jax.tree.leaves(state.params)[0]
-  assert leaf.sharding.spec == P() and len(leaf.sharding.device_set) == n_dev
-  return jax.device_get(state), history
-
-
-def _max_diff(a, b):
-  return max(jax.tree.leaves(jax.tree.map(
-      lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))),
-      a, b)))
+_run = run_steps
+_max_diff = max_abs_diff
 
 
 @pytest.fixture(scope="module")

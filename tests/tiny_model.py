@@ -111,3 +111,35 @@ def grain_train_iter(records, batch: int = 16, seed: int = 0):
   import grain  # pylint: disable=import-outside-toplevel
   return iter(grain.MapDataset.source(records).seed(seed).shuffle().repeat(None)
               .batch(batch, drop_remainder=True).to_iter_dataset())
+
+
+def run_steps(method, cfg, n_dev: int, impl: str, batches):
+  """Runs the real train step of `method` over `batches` on an `n_dev`-device mesh.
+
+  Returns `(host state, [host metrics per step])`. Compare `n_dev=1, impl='jit'` with
+  8 devices under `jit` and `shard_map` for "sharded == unsharded" tests.
+  """
+  from jax.sharding import PartitionSpec  # pylint: disable=import-outside-toplevel
+  from wsss_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  cfg.mesh.data = n_dev
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  opt = state_lib.make_optimizer_for(method, cfg, batches[0])
+  state = state_lib.create_train_state(method, cfg, mesh, batches[0], optimizer=opt)
+  step = step_lib.make_train_step(method, opt, mesh, cfg, step_impl=impl)
+  history = []
+  for b in batches:
+    state, metrics = step(state, mesh_lib.to_global(b, mesh))
+    history.append(jax.device_get(metrics))
+  leaf = jax.tree.leaves(state.params)[0]
+  assert leaf.sharding.spec == PartitionSpec() and len(leaf.sharding.device_set) == n_dev
+  return jax.device_get(state), history
+
+
+def max_abs_diff(a, b) -> float:
+  """Largest absolute difference over two pytrees of the same structure."""
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))),
+      a, b)))
+

@@ -25,6 +25,8 @@ from wsss_jax.stages import inference
 from wsss_jax.train import mesh as mesh_lib
 
 OVERLAY_COUNT = 6
+# Which trained model's CAMs: the `train` stage's (config.method) or the `baseline` stage's.
+CAM_VARIABLES = ("train", "baseline")
 
 
 def cam_batch_fn(config: mlc.ConfigDict, model: Any):
@@ -53,9 +55,14 @@ def crop_cams(record: dict[str, Any], out: dict[str, np.ndarray]
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = sources.prepare(config.data)
-  method = methods.make_method(config, meta.num_classes)
+  which = config.cams.get("variables", "train")
+  if which not in CAM_VARIABLES:
+    raise ValueError(f"config.cams.variables={which!r}; expected one of {CAM_VARIABLES}")
+  # The baseline stage trains the plain CAM model whatever config.method is.
+  method = methods.make_method(config, meta.num_classes,
+                               name="cam" if which == "baseline" else None)
   variables = inference.load_variables(
-      os.path.join(workdir, "train", inference.VARIABLES_FILE))
+      os.path.join(workdir, which, inference.VARIABLES_FILE))
   batch_fn = cam_batch_fn(config, method.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   counts = {}

@@ -21,6 +21,7 @@ from wsss_jax.stages import workdir as wd
 # Modules are imported lazily so the `data` stage does not pay for model imports.
 STAGE_MODULES = {
     "data": "wsss_jax.stages.data",
+    "baseline": "wsss_jax.stages.baseline",
     "train": "wsss_jax.stages.train",
     "cams": "wsss_jax.stages.cams",
     "sweep": "wsss_jax.stages.sweep",

@@ -7,9 +7,11 @@ classifier on `data.val_split` (classes with at least one positive image).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
+from absl import logging
 import ml_collections as mlc
 import numpy as np
 from sklearn.metrics import average_precision_score
@@ -21,6 +23,7 @@ from wsss_jax.stages import inference
 from wsss_jax.stages import workdir as wd
 from wsss_jax.train import loop
 from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.train import warm_start
 
 
 def train_method(config: mlc.ConfigDict, out_dir: str, method: Any, source: Any,
@@ -41,6 +44,52 @@ def train_method(config: mlc.ConfigDict, out_dir: str, method: Any, source: Any,
   return path
 
 
+def init_from_path(config: mlc.ConfigDict, workdir: str) -> str:
+  """The variables file named by `config.train.init_from` ('' = none).
+
+  `'baseline'` is the `baseline` stage's output in this work directory; anything else is a
+  path to a `final_variables.msgpack` or to the directory (a stage folder) holding one.
+  """
+  init_from = str(config.train.get("init_from", "") or "")
+  if not init_from:
+    return ""
+  if init_from == "baseline":
+    path = os.path.join(workdir, "baseline", inference.VARIABLES_FILE)
+    hint = "add the 'baseline' stage before 'train' in config.stages"
+  else:
+    path = init_from
+    if os.path.isdir(path):
+      path = os.path.join(path, inference.VARIABLES_FILE)
+    hint = "give a final_variables.msgpack written by a train or baseline stage"
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.train.init_from={init_from!r}: {path} does not exist; "
+                            f"{hint}")
+  return path
+
+
+def with_warm_start(method: Any, path: str) -> Any:
+  """`method` whose initial variables take every matching leaf from the file at `path`.
+
+  The ImageNet weights load first (the method's own `load_pretrained`), then the saved
+  leaves overwrite them; leaves the saved model does not have (new heads) stay as
+  initialised. Only applies to a fresh start: a resumed run restores its checkpoint.
+  """
+  if not path:
+    return method
+  saved = inference.load_variables(path)
+  own = method.load_pretrained
+
+  def load(variables):
+    if own is not None:
+      variables = own(variables)
+    merged, copied, fresh = warm_start.merge_matching(variables, saved, source=path)
+    logging.info("Warm start from %s: %d leaves copied, %d new (%s)", path, len(copied),
+                 len(fresh), ", ".join(sorted({"/".join(f.split("/")[:2]) for f in fresh})))
+    return merged
+
+  return dataclasses.replace(method, load_pretrained=load)
+
+
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, list]:
   """mAP over classes with at least one positive; per-class AP (NaN where none)."""
   aps = [float(average_precision_score(labels[:, k], scores[:, k]))
@@ -51,7 +100,8 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[floa
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = sources.prepare(config.data)
   out_dir = os.path.join(workdir, "train")
-  method = methods.make_method(config, meta.num_classes)
+  method = with_warm_start(methods.make_method(config, meta.num_classes),
+                           init_from_path(config, workdir))
   mesh = mesh_lib.make_mesh(config.mesh)
   logits_fn = classification_logits_fn(method.model)  # one function: compiled once
 
