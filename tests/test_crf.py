@@ -8,7 +8,6 @@ image with 16 labels and 10 iterations; `... tests/test_crf.py --agreement` comp
 all MSRC val images at full size for the three presets.
 """
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -244,38 +243,8 @@ def test_agreement_with_pydensecrf_on_msrc(msrc_root, preset):
 
 
 # ---------------------------------------------------------------------------------------
-# Benchmark: .venv/bin/python tests/test_crf.py
+# Agreement report: .venv/bin/python tests/test_crf.py --agreement (timings: wsss_jax.bench)
 # ---------------------------------------------------------------------------------------
-
-
-def _benchmark(repeats: int = 7) -> None:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                      "shared", "data", "msrc21")
-  image_id = open(os.path.join(root, "ImageSets", "Segmentation", "val.txt")).read().split()[0]
-  image = np.array(Image.open(os.path.join(root, "JPEGImages", f"{image_id}.jpg")).convert("RGB"))
-  h, w = image.shape[:2]
-  rng = np.random.default_rng(0)
-  probs = rng.dirichlet(np.ones(16), (h, w)).astype(np.float32)
-  unary = np.asarray(crf.unary_from_softmax(probs))
-  print(f"image {image_id} {w}x{h}, 16 labels, 10 iterations, {jax.devices()[0].platform}, "
-        f"{os.cpu_count()} CPUs")
-  for name, params in (("LABEL_CRF", crf.LABEL_CRF), ("PSA_CRF", crf.PSA_CRF),
-                       ("DEEPLAB_CRF", crf.DEEPLAB_CRF)):
-    start = time.perf_counter()
-    jax.block_until_ready(crf.dense_crf(unary, image, params, 10))
-    first = time.perf_counter() - start
-    ours, ref = [], []
-    for _ in range(repeats):   # interleaved, so both see the same machine load
-      start = time.perf_counter()
-      jax.block_until_ready(crf.dense_crf(unary, image, params, 10))
-      ours.append(time.perf_counter() - start)
-      start = time.perf_counter()
-      crf.dense_crf_reference(unary, image, params, 10)
-      ref.append(time.perf_counter() - start)
-    print(f"{name:12s} jitted JAX: median {np.median(ours) * 1e3:6.1f} ms "
-          f"(min {np.min(ours) * 1e3:6.1f}; first call incl. compile {first:5.2f} s) | "
-          f"pydensecrf: median {np.median(ref) * 1e3:6.1f} ms (min {np.min(ref) * 1e3:6.1f})")
 
 
 def _agreement_report() -> None:
@@ -293,8 +262,4 @@ def _agreement_report() -> None:
 
 
 if __name__ == "__main__":
-  import sys  # pylint: disable=import-outside-toplevel
-  if "--agreement" in sys.argv:
-    _agreement_report()
-  else:
-    _benchmark()
+  _agreement_report()

@@ -1,0 +1,53 @@
+"""wsss_jax.bench: sweep parsing, config keys, and one real measured step."""
+import numpy as np
+import pytest
+
+from tiny_model import tiny_config
+from wsss_jax.bench import __main__ as cli
+from wsss_jax.bench import steps
+from wsss_jax.bench import timing
+
+
+def test_sweep_points_cartesian_product():
+  pts = cli.sweep_points(["data.batch_size=8,16", "model.dtype=float32,bfloat16"])
+  assert pts == [{"data.batch_size": "8", "model.dtype": "float32"},
+                 {"data.batch_size": "8", "model.dtype": "bfloat16"},
+                 {"data.batch_size": "16", "model.dtype": "float32"},
+                 {"data.batch_size": "16", "model.dtype": "bfloat16"}]
+  assert cli.sweep_points([]) == [{}]
+  with pytest.raises(ValueError, match="expected key=v1,v2"):
+    cli.sweep_points(["data.batch_size"])
+
+
+def test_set_key_casts_and_names_unknown_keys():
+  c = tiny_config()
+  cli.set_key(c, "data.batch_size", "32")
+  cli.set_key(c, "model.pretrained", "false")
+  assert c.data.batch_size == 32 and c.model.pretrained is False
+  with pytest.raises(KeyError, match="data.batchsize"):
+    cli.set_key(c, "data.batchsize", "8")
+
+
+def test_time_calls_counts_and_orders_statistics():
+  calls = []
+  out = timing.time_calls(lambda: calls.append(1) or np.zeros(()), warmup=2, steps=3,
+                          repeats=2)
+  assert len(calls) == 2 + 6 and out["samples"] == 6 and len(out["repeat_means_s"]) == 2
+  assert out["time_min_s"] <= out["time_p10_s"] <= out["time_median_s"] <= out["time_p90_s"]
+
+
+def test_measure_train_step_real_model():
+  c = tiny_config()
+  c.model.backbone = "efficientnet_lite0"
+  c.data.crop_size = 32
+  c.mesh.data = 2
+  rec = steps.measure_train_step(c, 5, batch=4, steps=2, warmup=1, repeats=1)
+  assert rec["kind"] == "train_step" and rec["method"] == "cam" and rec["devices"] == 2
+  assert rec["finite"] and rec["time_median_s"] > 0 and rec["compile_s"] > 0
+  np.testing.assert_allclose(rec["img/s"], 4 / rec["time_median_s"])
+  np.testing.assert_allclose(rec["img/s/device"], rec["img/s"] / 2)
+  # XLA counts the FLOPs of one step on one device; per image that is x devices / batch.
+  assert rec["gflop_per_image"] == pytest.approx(rec["gflop_per_call_device"] * 2 / 4)
+  assert rec["mfu"] is None  # no known peak on CPU
+  batch = steps.random_train_batch(2, 16, 5)
+  assert batch["mask"].max() == 255 and batch["labels"].shape == (2, 4)

@@ -1,0 +1,145 @@
+r"""Benchmarks from a config; one JSON line per measurement, then a table.
+
+  python -m wsss_jax.bench --config=configs/voc/csrm.py:runlocal --what=train,cams,seg
+  python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=448 --dtype=bfloat16
+  python -m wsss_jax.bench --config=configs/voc/fbr.py:runlocal \
+      --sweep=data.batch_size=8,16 --sweep=model.dtype=float32,bfloat16
+  python -m wsss_jax.bench --what=kernels
+
+`--config` defaults to the embedded default (`configs/synthetic/cam.py`); `--backbone`,
+`--batch`, `--crop`, `--dtype`, `--step_impl`, `--devices` are shortcuts for the config
+keys `model.backbone`, `data.batch_size`, `data.crop_size`, `model.dtype`,
+`mesh.step_impl`, `mesh.data`. `--method` benchmarks another method's step with the same
+config (its own config blocks must be present, so prefer that method's config file).
+What: `train` (config.method's train step), `baseline` (the CAM step with the same
+config), `seg` (the segmentation step), `cams` (multi-scale CAM inference), `kernels`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO_CONFIGS, "synthetic", "cam.py"),
+    "Config file, `path.py` or `path.py:arg`.", lock_config=False)
+_WHAT = flags.DEFINE_list("what", ["train"], "train, baseline, seg, cams, kernels")
+_METHOD = flags.DEFINE_string("method", None, "Override config.method for `train`.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per repeat.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats (the spread is reported).")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "C incl. background (VOC: 21).")
+_SWEEP = flags.DEFINE_multi_string(
+    "sweep", [], "`key=v1,v2`: benchmark every combination of the listed values.")
+_OUT = flags.DEFINE_string("out", "", "Also append the JSON lines to this file.")
+_SHORTCUTS = {
+    "backbone": ("model.backbone", flags.DEFINE_string("backbone", None, "model.backbone")),
+    "batch": ("data.batch_size", flags.DEFINE_integer("batch", None, "data.batch_size")),
+    "crop": ("data.crop_size", flags.DEFINE_integer("crop", None, "data.crop_size")),
+    "dtype": ("model.dtype", flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                                               "model.dtype")),
+    "step_impl": ("mesh.step_impl", flags.DEFINE_enum("step_impl", None,
+                                                      ["jit", "shard_map"], "step impl")),
+    "devices": ("mesh.data", flags.DEFINE_integer("devices", None, "mesh.data")),
+}
+jax.config.parse_flags_with_absl()
+
+TABLE_COLUMNS = ("kind", "method", "backbone", "batch", "crop", "dtype", "devices",
+                 "time_median_s", "time_p10_s", "time_p90_s", "img/s/device", "mfu",
+                 "compile_s", "peak_mem_gib")
+
+
+def set_key(config, dotted: str, value) -> None:
+  """Sets `a.b.c` on a ConfigDict, casting strings to the existing value's type."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise KeyError(f"--sweep/--shortcut key {dotted!r}: no {p!r} in the config")
+    node = node[p]
+  if leaf not in node:
+    raise KeyError(f"--sweep key {dotted!r}: no {leaf!r} in the config")
+  old = node[leaf]
+  if isinstance(value, str) and not isinstance(old, str):
+    value = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
+  node[leaf] = value
+
+
+def sweep_points(sweeps: list[str]) -> list[dict[str, str]]:
+  """`['a=1,2', 'b=x,y']` -> the 4 combinations as `{key: value}` dicts."""
+  axes = []
+  for item in sweeps:
+    key, sep, values = item.partition("=")
+    if not sep or not values:
+      raise ValueError(f"--sweep={item!r}: expected key=v1,v2")
+    axes.append([(key, v) for v in values.split(",")])
+  return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+def format_table(records: list[dict]) -> str:
+  rows = [[_fmt(r.get(c)) for c in TABLE_COLUMNS] for r in records if "kernel" not in r]
+  rows = [list(TABLE_COLUMNS)] + rows
+  widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
+  return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def main(argv) -> None:
+  del argv
+  from wsss_jax.bench import kernels  # pylint: disable=import-outside-toplevel
+  from wsss_jax.bench import steps  # pylint: disable=import-outside-toplevel
+  base = _CONFIG.value
+  for key, (dotted, flag) in _SHORTCUTS.items():
+    if flag.value is not None:
+      set_key(base, dotted, flag.value)
+  if _METHOD.value:
+    base.method = _METHOD.value
+  kw = dict(steps=_STEPS.value, warmup=_WARMUP.value, repeats=_REPEATS.value)
+  records = []
+
+  def emit(record):
+    line = json.dumps(record)
+    print(line, flush=True)
+    records.append(record)
+    if _OUT.value:
+      with open(_OUT.value, "a") as f:
+        f.write(line + "\n")
+
+  for point in sweep_points(_SWEEP.value):
+    config = type(base)(base.to_dict())
+    for k, v in point.items():
+      set_key(config, k, v)
+    c = _NUM_CLASSES.value
+    for what in _WHAT.value:
+      if what == "train":
+        emit({**steps.measure_train_step(config, c, **kw), "sweep": point})
+      elif what == "baseline":
+        emit({**steps.measure_train_step(config, c, name="cam", **kw), "sweep": point})
+      elif what == "seg":
+        emit({**steps.measure_train_step(config, c, name="seg", **kw), "sweep": point})
+      elif what == "cams":
+        emit({**steps.measure_cam_inference(config, c, **kw), "sweep": point})
+      elif what == "kernels":
+        for record in kernels.run_all(repeats=_REPEATS.value):
+          emit(record)
+      else:
+        raise app.UsageError(f"--what: unknown {what!r}")
+  print(format_table(records))
+
+
+if __name__ == "__main__":
+  app.run(main)
