@@ -1,0 +1,109 @@
+r"""Seeds and comparisons: run a config over several seeds, report mean ± std.
+
+  python -m wsss_jax.compare --config=configs/synthetic/fbr.py --seeds=0,1,2 \
+      --workdir=runs/compare/synthetic_fbr [--config.key=value ...]
+  python -m wsss_jax.compare --collect runs/compare/synthetic_cam runs/compare/synthetic_fbr
+
+The first form runs the config's stages once per seed in `WORKDIR/seed<k>` (`config.seed`
+= k; the dataset, its synthetic generator seed included, stays the same, so seeds differ
+only in initialisation, augmentation order and sampling) and writes `WORKDIR/summary.json`
+with the mean, sample standard deviation (ddof=1) and per-seed values of every numeric
+headline key of results.json. Seeds that already finished are not rerun (each stage
+resumes). `--collect` prints a Markdown table of several summaries side by side.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+HEADLINE_KEYS = ("train_map", "cam_miou", "cam_threshold", "pseudo_miou", "seg_miou",
+                 "seg_gt_miou")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the per-seed runs.")
+_COLLECT = flags.DEFINE_multi_string("collect", [], "Summaries (directories) to tabulate.")
+jax.config.parse_flags_with_absl()
+
+
+def summarize(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+  """Mean, std (ddof=1; 0 for one seed) and values of each numeric headline-like key.
+
+  A key enters when every run has it as a number (per-class lists are left out).
+  """
+  keys = [k for k in results[0]
+          if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                 for r in results)]
+  out = {"seeds": seeds, "method": results[0].get("method"),
+         "dataset": results[0].get("dataset"), "backbone": results[0].get("backbone"),
+         "metrics": {}}
+  for k in keys:
+    values = [float(r[k]) for r in results]
+    mean = sum(values) / len(values)
+    std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+           if len(values) > 1 else 0.0)
+    out["metrics"][k] = {"mean": mean, "std": std, "values": values}
+  total = [sum(r.get("timings", {}).values()) for r in results]
+  out["metrics"]["total_seconds"] = {"mean": sum(total) / len(total), "std": 0.0,
+                                     "values": total}
+  return out
+
+
+def markdown_table(summaries: dict[str, dict[str, Any]],
+                   keys: tuple[str, ...] = HEADLINE_KEYS + ("total_seconds",)) -> str:
+  """Rows = runs (directory names), columns = keys, cells = mean ± std (n seeds)."""
+  present = [k for k in keys if any(k in s["metrics"] for s in summaries.values())]
+  lines = ["| run | method | seeds | " + " | ".join(present) + " |",
+           "|---" * (len(present) + 3) + "|"]
+  for name, s in summaries.items():
+    cells = []
+    for k in present:
+      m = s["metrics"].get(k)
+      if m is None:
+        cells.append("-")
+      elif k == "total_seconds":
+        cells.append(f"{m['mean'] / 60:.1f} min")
+      else:
+        cells.append(f"{m['mean']:.3f} ± {m['std']:.3f}")
+    lines.append(f"| {name} | {s.get('method')} | {len(s['seeds'])} | " + " | ".join(cells)
+                 + " |")
+  return "\n".join(lines)
+
+
+def run_seeds(config, seeds: list[int], workdir: str) -> dict[str, Any]:
+  from wsss_jax.stages import runner  # pylint: disable=import-outside-toplevel
+  results = []
+  for seed in seeds:
+    c = type(config)(config.to_dict())
+    c.seed = seed
+    results.append(runner.run_stages(c, os.path.join(workdir, f"seed{seed}")))
+  summary = summarize(results, seeds)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def main(argv) -> None:
+  del argv
+  if _COLLECT.value:
+    summaries = {}
+    for d in _COLLECT.value:
+      with open(os.path.join(d, "summary.json")) as f:
+        summaries[os.path.basename(os.path.normpath(d))] = json.load(f)
+    print(markdown_table(summaries))
+    return
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("give --config and --workdir (or --collect DIR ...)")
+  summary = run_seeds(_CONFIG.value, [int(s) for s in _SEEDS.value], _WORKDIR.value)
+  print(markdown_table({os.path.basename(os.path.normpath(_WORKDIR.value)): summary}))
+
+
+if __name__ == "__main__":
+  app.run(main)
