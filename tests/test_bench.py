@@ -51,3 +51,24 @@ def test_measure_train_step_real_model():
   assert rec["mfu"] is None  # no known peak on CPU
   batch = steps.random_train_batch(2, 16, 5)
   assert batch["mask"].max() == 255 and batch["labels"].shape == (2, 4)
+
+
+def test_torch_baseline_is_the_same_architecture_and_runs():
+  torch = pytest.importorskip("torch")
+  import jax
+  from wsss_jax import models
+  from wsss_jax.bench import torch_baseline
+  c = tiny_config()
+  c.model.backbone = "resnet50"
+  jax_model = models.build_model(c.model, 21, kind="cam")
+  shapes = jax.eval_shape(lambda: jax_model.init(jax.random.key(0),
+                                                 jax.numpy.zeros((1, 64, 64, 3))))
+  jax_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+  torch_model = torch_baseline.make_resnet50_cam(20)
+  torch_params = sum(p.numel() for p in torch_model.parameters())
+  assert torch_params == jax_params == 23_508_032 + 2048 * 20
+  with torch.no_grad():
+    logits, cams = torch_model(torch.zeros(1, 3, 64, 64))
+  assert tuple(cams.shape) == (1, 20, 4, 4) and tuple(logits.shape) == (1, 20)  # OS16
+  rec = torch_baseline.measure_train_step(2, 32, 21, steps=1, warmup=1)
+  assert rec["finite"] and rec["time_median_s"] > 0

@@ -12,7 +12,10 @@ keys `model.backbone`, `data.batch_size`, `data.crop_size`, `model.dtype`,
 `mesh.step_impl`, `mesh.data`. `--method` benchmarks another method's step with the same
 config (its own config blocks must be present, so prefer that method's config file).
 What: `train` (config.method's train step), `baseline` (the CAM step with the same
-config), `seg` (the segmentation step), `cams` (multi-scale CAM inference), `kernels`.
+config), `seg` (the segmentation step), `cams` (multi-scale CAM inference), `kernels`,
+`torch` (the PyTorch eager ResNet-50 CAM step at the same batch/crop; `.[torch-bench]`):
+
+  python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=224 --what=train,torch
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO_CONFIGS, "synthetic", "cam.py"),
     "Config file, `path.py` or `path.py:arg`.", lock_config=False)
-_WHAT = flags.DEFINE_list("what", ["train"], "train, baseline, seg, cams, kernels")
+_WHAT = flags.DEFINE_list("what", ["train"], "train, baseline, seg, cams, kernels, torch")
 _METHOD = flags.DEFINE_string("method", None, "Override config.method for `train`.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
@@ -133,6 +136,11 @@ def main(argv) -> None:
         emit({**steps.measure_train_step(config, c, name="seg", **kw), "sweep": point})
       elif what == "cams":
         emit({**steps.measure_cam_inference(config, c, **kw), "sweep": point})
+      elif what == "torch":
+        from wsss_jax.bench import torch_baseline  # pylint: disable=import-outside-toplevel
+        emit({**torch_baseline.measure_train_step(
+            int(config.data.batch_size), int(config.data.crop_size), c,
+            output_stride=int(config.model.output_stride), **kw), "sweep": point})
       elif what == "kernels":
         for record in kernels.run_all(repeats=_REPEATS.value):
           emit(record)
