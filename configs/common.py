@@ -10,6 +10,9 @@ Config contract (scripts and notebooks rely on these names): `stages`, `method`,
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 from typing import Any
 
 import ml_collections as mlc
@@ -23,6 +26,25 @@ ALL_STAGES = ("data", "train", "cams", "sweep", "pseudo", "seg", "evaluate")
 # The package owns these; configs re-export them for config files.
 VOC_CLASSES = voc_builder.VOC_CLASSES
 default_cache_dir = sources.default_cache_dir
+
+
+def load_module(config_file: str, relative: str) -> Any:
+  """The config module at `relative` to `config_file`'s folder, loaded by path (as the
+  --config flag loads files), e.g. a method config building on its dataset's `cam.py` or a
+  COCO config on `../voc/<method>.py`. Each call loads a fresh module, so configs built
+  from it never share state."""
+  path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_file)),
+                                       relative))
+  name = "_config_" + re.sub(r"\W", "_", os.path.relpath(path, os.path.dirname(__file__)))
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(config_file: str, relative: str, arg: str | None = None) -> mlc.ConfigDict:
+  """`get_config(arg)` of the config file at `relative` (see `load_module`)."""
+  return load_module(config_file, relative).get_config(arg)
 
 
 def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:
@@ -76,8 +98,11 @@ def data_config(name: str, runlocal: bool) -> mlc.ConfigDict:
 
 
 def mesh_config() -> mlc.ConfigDict:
-  """`config.mesh`: devices on axis `data` (-1 = all); step implementation."""
-  return mlc.ConfigDict(dict(data=-1, step_impl="jit"))  # jit | shard_map
+  """`config.mesh`: devices on axis `data` (-1 = all / fsdp); step implementation;
+  `fsdp` > 1 adds a parameter-sharding axis (FSDP, step_impl jit) whose leaves of at
+  least `fsdp_min_size` elements are split (wsss_jax/train/mesh.py, state.py)."""
+  return mlc.ConfigDict(dict(data=-1, step_impl="jit",  # jit | shard_map
+                             fsdp=1, fsdp_min_size=2 ** 14))
 
 
 def optim_config(runlocal: bool) -> mlc.ConfigDict:
@@ -124,7 +149,10 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       num_steps=150 if runlocal else 8000, log_every=10 if runlocal else 50,
       ckpt_every=50 if runlocal else 1000, eval_every=0, keep_checkpoints=2,
       tensorboard=False, progress=True,
-      init_from=""))            # '' | 'baseline' | path: warm start (stages/train.py)
+      init_from="",             # '' | 'baseline' | path: warm start (stages/train.py)
+      # NaN/Inf: roll back to the last finite checkpoint and retry with the learning rate
+      # x nan_lr_factor, at most nan_retries times (0: stop; train/rollback.py).
+      nan_retries=0, nan_lr_factor=0.5))
   # The `baseline` stage: the CAM model CSRM warm-starts from and SPML takes CAMs from.
   c.baseline = mlc.ConfigDict(dict(num_steps=c.train.num_steps, lr=0.0))  # lr 0: optim.lr
   # CAM method: images without a foreground label train as all-negative unless ignored
@@ -141,4 +169,37 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       pseudo_source="pseudo",   # pseudo | gt (fully supervised upper bound)
       num_steps=150 if runlocal else 20000, lr=0.007, batch_size=16,
       scales=(1.0,) if runlocal else (0.5, 1.0, 1.5, 2.0), flip=True, crf=False))
+  return c
+
+
+# COCO 2014 (wsss_jax/data/coco_builder.py): 82,783 train / 40,504 val images, 81 classes.
+COCO_TRAIN_IMAGES = 82783
+
+
+def is_runlocal(arg: str | None) -> bool:
+  """Whether a `file.py:arg` string asks for the CPU-sized variant."""
+  return "runlocal" in [a.partition("=")[0] for a in (arg or "").split(",")]
+
+
+def use_coco(c: mlc.ConfigDict, runlocal: bool) -> mlc.ConfigDict:
+  """Turns a VOC config into its COCO 2014 counterpart (configs/coco/*.py).
+
+  Splits are the `instances_<split>.json` names; images without a foreground label are
+  left out of classification training (the reference repos' `ignore_bg_images` on COCO,
+  METHODS.md §1.4). The full-size schedule is the CAM baseline's IRN-style 5 epochs at
+  batch 16 and the segmentation model's 100k steps at batch 16 (FBR's COCO setting,
+  METHODS.md §3.4); method files adjust their own parts.
+  """
+  d = c.data
+  d.name = "coco"
+  d.train_split = "train2014"
+  d.sweep_split = "train2014"
+  d.val_split = "val2014"
+  c.cam_train.ignore_bg_images = True
+  if not runlocal:
+    d.crop_size = 512
+    d.batch_size = 16
+    c.train.num_steps = 5 * COCO_TRAIN_IMAGES // 16
+    c.seg.num_steps = 100000
+    c.seg.batch_size = 16
   return c

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tiny_model import tiny_config
-from wsss_jax.bench import __main__ as cli
+from wsss_jax.bench import sweep as cli
 from wsss_jax.bench import steps
 from wsss_jax.bench import timing
 

@@ -20,3 +20,17 @@ def test_summarize_mean_std_and_table():
   assert one["metrics"]["cam_miou"]["std"] == 0.0
   table = compare.markdown_table({"synthetic_fbr": s})
   assert "| synthetic_fbr | fbr | 3 | 0.600 ± 0.100 | 1.2 min |" in table
+
+
+def test_collect_reads_finished_seeds_only(tmp_path):
+  import json
+  import pytest
+  for seed, res in ((0, {"cam_miou": 0.5, "timings": {"evaluate": 1.0}}),
+                    (1, {"cam_miou": 0.7, "timings": {"evaluate": 2.0}}),
+                    (2, {"cam_miou": 0.1, "timings": {"train": 3.0}})):  # still running
+    (tmp_path / f"seed{seed}").mkdir()
+    (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(res))
+  s = compare.collect(str(tmp_path))
+  assert s["seeds"] == [0, 1] and s["metrics"]["cam_miou"]["values"] == [0.5, 0.7]
+  with pytest.raises(FileNotFoundError, match="no finished"):
+    compare.collect(str(tmp_path / "seed2"))

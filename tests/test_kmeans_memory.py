@@ -220,3 +220,24 @@ def test_info_nce_hand_value():
   unmasked = contrastive.info_nce(a, pos, neg, t)
   np.testing.assert_allclose(
       np.asarray(unmasked), [-np.log(np.exp(2) / (2 * np.exp(2) + 1 + np.exp(-2)))], rtol=1e-6)
+
+
+def test_kmeans_runs_inside_shard_map_with_per_device_inputs():
+  """Under shard_map (check_vma) loop carries must vary like the per-device inputs."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(8, 32, 3)).astype(np.float32)
+  mask = rng.random((8, 32)) < 0.8
+  keys = jax.random.key_data(jax.random.split(jax.random.key(0), 8))
+
+  def per_device(x, mask, keys):
+    def one(p, m, kd):
+      init = km.kmeans_plusplus_init(jax.random.wrap_key_data(kd), p, m, 4)
+      return km.kmeans(p, m, init, num_iters=3).assign
+    return jax.vmap(one)(x, mask, keys)
+
+  mesh = mesh_lib.make_mesh({"data": 8})
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),) * 3,
+                                  out_specs=P("data")))(x, mask, keys)
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(per_device)(x, mask,
+                                                                                    keys)))

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wsss_jax.bench import torch_baseline
 from wsss_jax.models import build_model, load_pretrained, resnet, weights
 from wsss_jax.models.resnet import Bottleneck, ResNet
 from wsss_jax.models.torch_pickle import save_torch_file
@@ -120,68 +121,11 @@ def test_bottleneck_frozen_bn():
                                    variables["batch_stats"]))
 
 
-def _torch_resnet(torch, layers, replace):
-  """A minimal torchvision-layout ResNet (v1.5, dilation as torchvision)."""
-  tnn = torch.nn
-
-  class Block(tnn.Module):
-
-    def __init__(self, inplanes, planes, stride, downsample, dilation):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(planes)
-      self.conv2 = tnn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation,
-                              bias=False)
-      self.bn2 = tnn.BatchNorm2d(planes)
-      self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-      self.bn3 = tnn.BatchNorm2d(planes * 4)
-      self.downsample = downsample
-
-    def forward(self, x):
-      out = torch.relu(self.bn1(self.conv1(x)))
-      out = torch.relu(self.bn2(self.conv2(out)))
-      out = self.bn3(self.conv3(out))
-      return torch.relu(out + (self.downsample(x) if self.downsample is not None else x))
-
-  class Net(tnn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.inplanes, self.dilation = 64, 1
-      self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-      self.bn1 = tnn.BatchNorm2d(64)
-      self.maxpool = tnn.MaxPool2d(3, 2, 1)
-      for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
-        setattr(self, f"layer{i + 1}",
-                self._make(planes, n, 1 if i == 0 else 2, i > 0 and replace[i - 1]))
-
-    def _make(self, planes, blocks, stride, dilate):
-      previous = self.dilation
-      if dilate:
-        self.dilation *= stride
-        stride = 1
-      down = None
-      if stride != 1 or self.inplanes != planes * 4:
-        down = tnn.Sequential(tnn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
-                              tnn.BatchNorm2d(planes * 4))
-      mods = [Block(self.inplanes, planes, stride, down, previous)]
-      self.inplanes = planes * 4
-      mods += [Block(self.inplanes, planes, 1, None, self.dilation) for _ in range(1, blocks)]
-      return tnn.Sequential(*mods)
-
-    def forward(self, x):
-      x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-      l1 = self.layer1(x)
-      return l1, self.layer4(self.layer3(self.layer2(l1)))
-
-  return Net()
-
-
 @pytest.mark.parametrize("os_,replace", [(16, (False, False, True)), (8, (False, True, True))])
 def test_matches_torch_forward(r50, os_, replace):
   torch = pytest.importorskip("torch")
   _, variables, state = r50
-  net = _torch_resnet(torch, resnet.RESNET_LAYERS[50], replace)
+  net = torch_baseline.torchvision_resnet(resnet.RESNET_LAYERS[50], replace)
   net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()
                        if not k.startswith("fc.")}, strict=True)
   net.eval()

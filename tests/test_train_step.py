@@ -11,8 +11,6 @@ from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods.base import LossAux, Method
 from wsss_jax.methods.cam import make_cam_method
 from wsss_jax.train import mesh as mesh_lib
-from wsss_jax.train import state as state_lib
-from wsss_jax.train import step as step_lib
 
 NUM_CLASSES = 5  # background + 4
 pytestmark = pytest.mark.usefixtures("fast_compile")

@@ -9,7 +9,8 @@ The first form runs the config's stages once per seed in `WORKDIR/seed<k>` (`con
 only in initialisation, augmentation order and sampling) and writes `WORKDIR/summary.json`
 with the mean, sample standard deviation (ddof=1) and per-seed values of every numeric
 headline key of results.json. Seeds that already finished are not rerun (each stage
-resumes). `--collect` prints a Markdown table of several summaries side by side.
+resumes). `--collect` prints a Markdown table of several such directories side by side,
+from the seeds that have finished so far.
 """
 from __future__ import annotations
 
@@ -23,14 +24,24 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-HEADLINE_KEYS = ("train_map", "cam_miou", "cam_threshold", "pseudo_miou", "seg_miou",
-                 "seg_gt_miou")
+HEADLINE_KEYS = ("train_map", "baseline_map", "cam_miou", "cam_threshold", "pseudo_miou",
+                 "spml_pseudo_miou", "spml_classifier_miou", "seg_miou", "seg_gt_miou")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the per-seed runs.")
-_COLLECT = flags.DEFINE_multi_string("collect", [], "Summaries (directories) to tabulate.")
-jax.config.parse_flags_with_absl()
+_FLAGS: dict[str, Any] = {}
+
+
+def define_flags() -> dict[str, Any]:
+  """Flags, defined only when run as a program (absl flags are process-global, so a
+  library import must not define a second `--config`)."""
+  jax.config.parse_flags_with_absl()
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Config file.",
+                                                lock_config=False),
+      "seeds": flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run."),
+      "workdir": flags.DEFINE_string("workdir", None, "Parent directory of the per-seed runs."),
+      "collect": flags.DEFINE_bool("collect", False, "Tabulate the run directories given "
+                                   "as arguments instead of running."),
+  }
 
 
 def summarize(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
@@ -77,6 +88,23 @@ def markdown_table(summaries: dict[str, dict[str, Any]],
   return "\n".join(lines)
 
 
+def collect(directory: str) -> dict[str, Any]:
+  """The summary of a `run_seeds` directory from the seeds whose runs are complete (the
+  `evaluate` stage finished), so a partly done comparison can already be read."""
+  results, seeds = [], []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name, "results.json")
+    if name.startswith("seed") and os.path.isfile(path):
+      with open(path) as f:
+        r = json.load(f)
+      if "evaluate" in r.get("timings", {}):
+        results.append(r)
+        seeds.append(int(name[len("seed"):]))
+  if not results:
+    raise FileNotFoundError(f"{directory}: no finished seed*/results.json")
+  return summarize(results, seeds)
+
+
 def run_seeds(config, seeds: list[int], workdir: str) -> dict[str, Any]:
   from wsss_jax.stages import runner  # pylint: disable=import-outside-toplevel
   results = []
@@ -91,19 +119,20 @@ def run_seeds(config, seeds: list[int], workdir: str) -> dict[str, Any]:
 
 
 def main(argv) -> None:
-  del argv
-  if _COLLECT.value:
+  if _FLAGS["collect"].value:
     summaries = {}
-    for d in _COLLECT.value:
-      with open(os.path.join(d, "summary.json")) as f:
-        summaries[os.path.basename(os.path.normpath(d))] = json.load(f)
+    for d in argv[1:]:
+      summaries[os.path.basename(os.path.normpath(d))] = collect(d)
     print(markdown_table(summaries))
     return
-  if _CONFIG.value is None or not _WORKDIR.value:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]} (directories need --collect)")
+  if _FLAGS["config"].value is None or not _FLAGS["workdir"].value:
     raise app.UsageError("give --config and --workdir (or --collect DIR ...)")
-  summary = run_seeds(_CONFIG.value, [int(s) for s in _SEEDS.value], _WORKDIR.value)
-  print(markdown_table({os.path.basename(os.path.normpath(_WORKDIR.value)): summary}))
+  summary = run_seeds(_FLAGS["config"].value, [int(s) for s in _FLAGS["seeds"].value], _FLAGS["workdir"].value)
+  print(markdown_table({os.path.basename(os.path.normpath(_FLAGS["workdir"].value)): summary}))
 
 
 if __name__ == "__main__":
+  _FLAGS.update(define_flags())
   app.run(main)

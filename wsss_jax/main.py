@@ -8,6 +8,7 @@ r"""Command line: runs the stages a config lists, in order, in one work director
 `wsss_jax.stages.runner.run_stages(config, workdir)` so notebooks call the same code.
 """
 import logging as pylogging
+import sys
 
 from absl import app
 from absl import flags
@@ -19,6 +20,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, `path.py` or `path.py:arg` (see configs/).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created if missing).")
+# Multi-host (wsss_jax/train/distributed.py). Every process runs the same command; with
+# `auto`, SLURM (srun) and TPU_WORKER_HOSTNAMES are detected, `on` asks JAX's own cluster
+# detection (TPU VM pods), explicit flags work anywhere (and localhost tests).
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Start jax.distributed: auto-detect, always, never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (explicit multi-process start).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 # Exposes --jax_* flags (e.g. --jax_platforms). Required flags are marked only in run(),
 # because this parses argv at import time (JAX_NOTES.md P7).
@@ -36,17 +46,31 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
+  from wsss_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  # Before anything starts a JAX backend.
+  distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from wsss_jax.stages import runner  # after flag parsing: keeps `--help` fast
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if overrides:
     logging.info("Config overrides: %s", overrides)
-  runner.run_stages(_CONFIG.value, _WORKDIR.value)
+  from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  # SIGTERM (pre-emption) stops at the next step/batch after saving; exit code 75 means
+  # "rerun the same command to continue" (wsss_jax/train/preemption.py).
+  preemption.install()
+  try:
+    runner.run_stages(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.EXIT_CODE)
 
 
 def run() -> None:
   """Console-script entry point (`wsss`)."""
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
+  # A misspelt --config.KEY gives one line naming the flag, not an ml_collections trace.
+  app.run(main, flags_parser=preflight.parse_flags_or_exit)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ config), `seg` (the segmentation step), `cams` (multi-scale CAM inference), `ker
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 
@@ -54,61 +53,15 @@ _SHORTCUTS = {
 }
 jax.config.parse_flags_with_absl()
 
-TABLE_COLUMNS = ("kind", "method", "backbone", "batch", "crop", "dtype", "devices",
-                 "time_median_s", "time_p10_s", "time_p90_s", "img/s/device", "mfu",
-                 "compile_s", "peak_mem_gib")
-
-
-def set_key(config, dotted: str, value) -> None:
-  """Sets `a.b.c` on a ConfigDict, casting strings to the existing value's type."""
-  *parents, leaf = dotted.split(".")
-  node = config
-  for p in parents:
-    if p not in node:
-      raise KeyError(f"--sweep/--shortcut key {dotted!r}: no {p!r} in the config")
-    node = node[p]
-  if leaf not in node:
-    raise KeyError(f"--sweep key {dotted!r}: no {leaf!r} in the config")
-  old = node[leaf]
-  if isinstance(value, str) and not isinstance(old, str):
-    value = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
-  node[leaf] = value
-
-
-def sweep_points(sweeps: list[str]) -> list[dict[str, str]]:
-  """`['a=1,2', 'b=x,y']` -> the 4 combinations as `{key: value}` dicts."""
-  axes = []
-  for item in sweeps:
-    key, sep, values = item.partition("=")
-    if not sep or not values:
-      raise ValueError(f"--sweep={item!r}: expected key=v1,v2")
-    axes.append([(key, v) for v in values.split(",")])
-  return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
-
-
-def format_table(records: list[dict]) -> str:
-  rows = [[_fmt(r.get(c)) for c in TABLE_COLUMNS] for r in records if "kernel" not in r]
-  rows = [list(TABLE_COLUMNS)] + rows
-  widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
-  return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
-
-
-def _fmt(v) -> str:
-  if v is None:
-    return "-"
-  if isinstance(v, float):
-    return f"{v:.4g}"
-  return str(v)
-
-
 def main(argv) -> None:
   del argv
   from wsss_jax.bench import kernels  # pylint: disable=import-outside-toplevel
   from wsss_jax.bench import steps  # pylint: disable=import-outside-toplevel
+  from wsss_jax.bench import sweep  # pylint: disable=import-outside-toplevel
   base = _CONFIG.value
   for key, (dotted, flag) in _SHORTCUTS.items():
     if flag.value is not None:
-      set_key(base, dotted, flag.value)
+      sweep.set_key(base, dotted, flag.value)
   if _METHOD.value:
     base.method = _METHOD.value
   kw = dict(steps=_STEPS.value, warmup=_WARMUP.value, repeats=_REPEATS.value)
@@ -122,10 +75,10 @@ def main(argv) -> None:
       with open(_OUT.value, "a") as f:
         f.write(line + "\n")
 
-  for point in sweep_points(_SWEEP.value):
+  for point in sweep.sweep_points(_SWEEP.value):
     config = type(base)(base.to_dict())
     for k, v in point.items():
-      set_key(config, k, v)
+      sweep.set_key(config, k, v)
     c = _NUM_CLASSES.value
     for what in _WHAT.value:
       if what == "train":
@@ -146,7 +99,7 @@ def main(argv) -> None:
           emit(record)
       else:
         raise app.UsageError(f"--what: unknown {what!r}")
-  print(format_table(records))
+  print(sweep.format_table(records))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Any
 
@@ -93,9 +94,7 @@ def bench_crf(size: int, num_labels: int = 21, iters: int = 10, repeats: int = 3
   times = timing.time_calls(lambda: fn(unary, image), warmup=1, steps=3, repeats=repeats)
   record = {"kernel": f"dense_crf[{size}x{size}]", "labels": num_labels, "iters": iters,
             "first_call_s": first_call_s, **times, "platform": jax.default_backend()}
-  try:
-    import pydensecrf  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+  if importlib.util.find_spec("pydensecrf") is None:
     return {**record, "reference": None}
   ref = _cpu_reference_times(lambda: crf.dense_crf_reference(unary, image, crf.LABEL_CRF,
                                                              iters), repeats)

@@ -48,6 +48,21 @@ def random_train_batch(batch: int, crop: int, num_classes: int, seed: int = 0,
   return out
 
 
+def grid_blocks(rng: np.random.Generator, batch: int, crop: int, block: int = 16
+                ) -> np.ndarray:
+  """[B, S, S] int32 ids of `block`-pixel squares: a stand-in superpixel map (SLIC on a
+  224 crop gives a similar count of a few hundred regions)."""
+  del rng
+  yy, xx = np.mgrid[:crop, :crop] // block
+  ids = (yy * ((crop + block - 1) // block) + xx).astype(np.int32)
+  return np.broadcast_to(ids, (batch, crop, crop)).copy()
+
+
+def config_extras(config: mlc.ConfigDict) -> BatchExtras:
+  """The per-pixel maps `config.data.extra_maps` asks for (e.g. SPML's superpixels)."""
+  return {key: grid_blocks for key in (config.data.get("extra_maps", ()) or ())}
+
+
 def _setup(config: mlc.ConfigDict) -> tuple[Any, int]:
   mesh = mesh_lib.make_mesh(config.mesh)
   return mesh, mesh_lib.num_data_devices(mesh)
@@ -78,6 +93,8 @@ def measure_train_step(config: mlc.ConfigDict, num_classes: int, *, name: str | 
   if batch % n_dev:
     raise ValueError(f"batch {batch} is not divisible by the {n_dev} devices of the mesh")
   method = methods.make_method(config, num_classes, name=name)
+  if extras is None and name != "seg":
+    extras = config_extras(config)
   host = random_train_batch(batch, crop, num_classes, extras=extras)
   arrays = mesh_lib.to_global(host, mesh)
   optimizer = state_lib.make_optimizer_for(method, config, host)

@@ -4,9 +4,11 @@
 The model mirrors `models/registry.CAMNet` with a ResNet-50 backbone at output stride 16
 (torchvision layout: layer4 dilated instead of strided), a bias-free 1x1 classifier on the
 class maps, global average pooling, `MultiLabelSoftMarginLoss` and SGD with momentum and
-weight decay. Written here (no torchvision) so the extra needs torch only. Channels-last
-memory format is used where it helps XLA's competitor most (oneDNN's preferred layout on
-CPU; tensor cores on GPU); `--torch_channels_last=false` turns it off.
+weight decay. Written here (no torchvision) so the extra needs torch only; the same
+module is the torch reference of `tests/test_resnet.py`, which loads real weights into
+both and compares their outputs. `measure_train_step(channels_last=True)` runs PyTorch in
+its faster layout (oneDNN's on CPU, tensor cores on GPU), so the comparison is with
+PyTorch at its best.
 """
 from __future__ import annotations
 
@@ -24,57 +26,84 @@ def _torch():
   return torch
 
 
-def make_resnet50_cam(num_fg: int, output_stride: int = 16):
-  """A torch ResNet-50 (bottleneck v1.5, like torchvision) + CAM classifier."""
+def torchvision_resnet(layers: tuple[int, ...], replace: tuple[bool, bool, bool]):
+  """A torchvision-layout ResNet (bottleneck v1.5; `replace[i]` dilates layer i+2 instead
+  of striding it, with torchvision's rule that a dilated layer's first block keeps the
+  previous dilation). Same state-dict names as torchvision, so tests load real weights
+  into it. `forward(x) -> (layer1 output, layer4 output)`, NCHW."""
   torch = _torch()
-  nn = torch.nn
+  tnn = torch.nn
 
-  class Bottleneck(nn.Module):
+  class Block(tnn.Module):
 
-    def __init__(self, cin, width, stride, dilation, downsample):
+    def __init__(self, inplanes, planes, stride, downsample, dilation):
       super().__init__()
-      self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(width)
-      self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation,
-                             bias=False)
-      self.bn2 = nn.BatchNorm2d(width)
-      self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
-      self.bn3 = nn.BatchNorm2d(width * 4)
-      self.relu = nn.ReLU(inplace=True)
+      self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(planes)
+      self.conv2 = tnn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation,
+                              bias=False)
+      self.bn2 = tnn.BatchNorm2d(planes)
+      self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+      self.bn3 = tnn.BatchNorm2d(planes * 4)
       self.downsample = downsample
 
     def forward(self, x):
-      idt = x if self.downsample is None else self.downsample(x)
-      x = self.relu(self.bn1(self.conv1(x)))
-      x = self.relu(self.bn2(self.conv2(x)))
-      return self.relu(self.bn3(self.conv3(x)) + idt)
+      out = torch.relu(self.bn1(self.conv1(x)))
+      out = torch.relu(self.bn2(self.conv2(out)))
+      out = self.bn3(self.conv3(out))
+      return torch.relu(out + (self.downsample(x) if self.downsample is not None else x))
 
-  def layer(cin, width, blocks, stride, dilation):
-    down = None
-    if stride != 1 or cin != width * 4:
-      down = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False),
-                           nn.BatchNorm2d(width * 4))
-    mods = [Bottleneck(cin, width, stride, dilation, down)]
-    mods += [Bottleneck(width * 4, width, 1, dilation, None) for _ in range(blocks - 1)]
-    return nn.Sequential(*mods)
-
-  if output_stride not in (16, 32):
-    raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
-  last_stride, last_dilation = (1, 2) if output_stride == 16 else (2, 1)
-
-  class CAMNet(nn.Module):
+  class Net(tnn.Module):
 
     def __init__(self):
       super().__init__()
-      self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
-      self.layers = nn.Sequential(layer(64, 64, 3, 1, 1), layer(256, 128, 4, 2, 1),
-                                  layer(512, 256, 6, 2, 1),
-                                  layer(1024, 512, 3, last_stride, last_dilation))
-      self.classifier = nn.Conv2d(2048, num_fg, 1, bias=False)
+      self.inplanes, self.dilation = 64, 1
+      self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
+      self.bn1 = tnn.BatchNorm2d(64)
+      self.maxpool = tnn.MaxPool2d(3, 2, 1)
+      for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+        setattr(self, f"layer{i + 1}",
+                self._make(planes, n, 1 if i == 0 else 2, i > 0 and replace[i - 1]))
+
+    def _make(self, planes, blocks, stride, dilate):
+      previous = self.dilation
+      if dilate:
+        self.dilation *= stride
+        stride = 1
+      down = None
+      if stride != 1 or self.inplanes != planes * 4:
+        down = tnn.Sequential(tnn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                              tnn.BatchNorm2d(planes * 4))
+      mods = [Block(self.inplanes, planes, stride, down, previous)]
+      self.inplanes = planes * 4
+      mods += [Block(self.inplanes, planes, 1, None, self.dilation) for _ in range(1, blocks)]
+      return tnn.Sequential(*mods)
 
     def forward(self, x):
-      cams = self.classifier(self.layers(self.stem(x)))
+      x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+      l1 = self.layer1(x)
+      return l1, self.layer4(self.layer3(self.layer2(l1)))
+
+  return Net()
+
+
+def make_resnet50_cam(num_fg: int, output_stride: int = 16):
+  """torchvision-layout ResNet-50 + bias-free 1x1 classifier; `forward -> (logits, cams)`."""
+  torch = _torch()
+  replace = {16: (False, False, True), 32: (False, False, False)}
+  if output_stride not in replace:
+    raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+  backbone = torchvision_resnet((3, 4, 6, 3), replace[output_stride])
+
+  class CAMNet(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.backbone = backbone
+      self.classifier = torch.nn.Conv2d(2048, num_fg, 1, bias=False)
+
+    def forward(self, x):
+      cams = self.classifier(self.backbone(x)[1])
       return cams.mean(dim=(2, 3)), cams
 
   return CAMNet()

@@ -213,6 +213,17 @@ def _remove_stale_tmp_dirs(parent: str, key: str) -> None:
       pass
 
 
+def check_preemption() -> None:
+  """Stops a build at the next example after SIGTERM (`train/preemption.py`).
+
+  Local, not collective: only one process builds. The temporary folder is removed by
+  `build_atomically`, so the rerun builds again from the start.
+  """
+  from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  if preemption.requested():
+    raise preemption.Preempted("building the dataset (a rerun builds it again)")
+
+
 def build_atomically(final_dir: str, build: Callable[[str], tuple[dict[str, Any],
                                                                   dict[str, np.ndarray]]]
                      ) -> None:
@@ -318,6 +329,7 @@ class WsssSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                        p.max_objects)
     encode = lambda rec: encode_record(rec, synthetic.NUM_CLASSES)
     for i, (_, (rec, row), _) in enumerate(bounded_map(encode, records, default_workers())):
+      check_preemption()
       self._stats.add_row(split, row)
       yield i, rec
 

@@ -10,8 +10,9 @@ cache_dir, on_bad_input, class_names, synthetic.*, and train_split / sweep_split
 val_split (checked to exist before anything is built).
 
 Prepared datasets live under `data.cache_dir` ('' -> $WSSS_JAX_CACHE or ~/.cache/wsss_jax),
-in `synthetic/<parameters+hash>/` or `voc/<root name>-<root hash>-<fingerprint>/`; see
-builders.py and voc_builder.py for the layout, the cache keys and the bad-input rules.
+in `synthetic/<parameters+hash>/`, `voc/<root name>-<root hash>-<fingerprint>/` or
+`coco/<same>/`; see builders.py, voc_builder.py and coco_builder.py for the layout, the
+cache keys and the bad-input rules.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from wsss_jax.data import builders
+from wsss_jax.data import coco_builder
 from wsss_jax.data import voc_builder
 
 BadInputError = builders.BadInputError
@@ -106,8 +108,12 @@ def _resolve(data_cfg: Any) -> tuple[str, dict[str, Any]]:
     if not builders.is_complete(folder):
       voc_builder.build_voc(folder, layout, mode)
   elif name == "coco":
-    raise ValueError("data.name='coco' is not yet available in wsss_jax; use 'synthetic' or "
-                     "'voc' (any VOC-layout folder via --config.data.root=DIR)")
+    layout = coco_builder.scan(_get(data_cfg, "root", ""))
+    _check_configured_splits(data_cfg, layout.splits, lambda s: (
+        f"(no {os.path.join(layout.root, coco_builder.ANNOTATION_DIR)}/instances_{s}.json)"))
+    folder = os.path.join(cache, "coco", coco_builder.coco_key(layout))
+    if not builders.is_complete(folder):
+      coco_builder.build_coco(folder, layout, mode)
   else:
     raise ValueError(f"Unknown data.name={name!r}; accepted: {list(DATASETS)}")
   meta = builders.read_meta(folder)
@@ -146,7 +152,7 @@ def prepare(data_cfg: Any) -> DatasetMeta:
 
   Raises:
     BadInputError: (a ValueError) naming the file and problem, in on_bad_input='error' mode.
-    ValueError: unknown dataset, coco, or a configured split that does not exist.
+    ValueError: unknown dataset, or a configured split that does not exist.
   """
   folder, meta = _resolve(data_cfg)
   return _to_meta(data_cfg, folder, meta)

@@ -325,10 +325,14 @@ class TrainTransform(grain.transforms.RandomMap):
     scale_range: `(lo, hi)`; the scale is uniform in it, applied to both sides.
     flip: horizontal flip with probability 1/2.
     color_jitter: brightness/contrast/saturation strength; 0 disables.
+    extra_maps: keys of further per-pixel integer maps `[H, W]` (e.g. SPML's
+      `superpixels`) resized, cropped and flipped exactly like `mask` and returned as
+      int32 `[S, S]` with 0 in padding (keys absent from a record are skipped).
   """
 
   def __init__(self, crop_size: int, scale_range: Sequence[float] = (1.0, 1.0),
-               flip: bool = True, color_jitter: float = 0.0):
+               flip: bool = True, color_jitter: float = 0.0,
+               extra_maps: Sequence[str] = ()):
     if crop_size <= 0:
       raise ValueError(f"crop_size must be positive, got {crop_size}")
     lo, hi = (float(s) for s in scale_range)
@@ -340,12 +344,14 @@ class TrainTransform(grain.transforms.RandomMap):
     self.scale_range = (lo, hi)
     self.flip = bool(flip)
     self.color_jitter = float(color_jitter)
+    self.extra_maps = tuple(extra_maps)
 
   @classmethod
   def from_config(cls, data_cfg) -> TrainTransform:
-    """From `config.data` (crop_size, scale_range, flip, color_jitter)."""
+    """From `config.data` (crop_size, scale_range, flip, color_jitter; optional
+    extra_maps)."""
     return cls(data_cfg.crop_size, tuple(data_cfg.scale_range), data_cfg.flip,
-               data_cfg.color_jitter)
+               data_cfg.color_jitter, tuple(getattr(data_cfg, "extra_maps", ()) or ()))
 
   def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
     image, mask = check_example(ex)
@@ -360,16 +366,27 @@ class TrainTransform(grain.transforms.RandomMap):
     window = (wy.src, wx.src, wy.size, wx.size)
     img = resize_image(image, (nh, nw), window)
     msk = resize_mask(mask, (nh, nw), window)
+    extras = {}
+    for key in (k for k in self.extra_maps if k in ex):  # other sources lack them
+      if np.shape(ex[key]) != mask.shape:
+        raise ValueError(f"Record {ex.get('id')!r}: {key} shape {np.shape(ex[key])} != "
+                         f"mask shape {mask.shape}")
+      extras[key] = resize_mask(np.asarray(ex[key]), (nh, nw), window)
     dx = wx.dst
     if flip:  # Flip the crop and mirror its offset: same as flipping the padded crop.
       img, msk, dx = img[:, ::-1], msk[:, ::-1], s - wx.dst - wx.size
+      extras = {k: v[:, ::-1] for k, v in extras.items()}
 
     out_img = np.zeros((s, s, 3), np.float32)
     out_msk = np.full((s, s), IGNORE_INDEX, np.int32)
     ys, xs = slice(wy.dst, wy.dst + wy.size), slice(dx, dx + wx.size)
     out_img[ys, xs] = _jitter_normalize(img, jitter)
     out_msk[ys, xs] = msk
-    return {"image": out_img, "mask": out_msk, **_passthrough(ex)}
+    out = {"image": out_img, "mask": out_msk, **_passthrough(ex)}
+    for key, value in extras.items():
+      out[key] = np.zeros((s, s), np.int32)
+      out[key][ys, xs] = value
+    return out
 
 
 def _id_str(record_id) -> str:

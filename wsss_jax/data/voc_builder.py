@@ -311,6 +311,7 @@ class WsssVoc(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self):
     for (id_, _, _), result, error in builders.bounded_map(self._load, self._items,
                                                            self._workers):
+      builders.check_preemption()
       if error is not None:
         self._on_bad(str(error))  # raises in error mode
         continue

@@ -9,12 +9,20 @@ from typing import Any
 
 from wsss_jax.methods import base
 from wsss_jax.methods import cam
+from wsss_jax.methods import csrm
+from wsss_jax.methods import dscnet
+from wsss_jax.methods import fbr
 from wsss_jax.methods import seg
+from wsss_jax.methods import spml
 
 # config.method -> factory(config, num_classes) -> base.Method
 FACTORIES = {
     "cam": cam.make_cam_method,
+    "csrm": csrm.make_csrm_method,
     "seg": seg.make_seg_method,
+    "spml": spml.make_spml_method,
+    "dscnet_r": dscnet.make_dscnet_method,
+    "fbr": fbr.make_fbr_method,
 }
 
 

@@ -133,21 +133,25 @@ class DeepLabV3PlusHead(nn.Module):
   """DeepLabV3+ decoder (METHODS.md §2.1).
 
   ASPP(high) -> bilinear up to the stride-4 size (half-pixel, `jax.image.resize`) ++
-  48-ch projection of the stride-4 features = 304-ch `features`; then two 3x3 conv-norm-
-  ReLU (256) with dropout 0.1 and a 1x1 conv (with bias) to `num_classes`.
+  48-ch projection of the stride-4 features = (width + 48)-ch `features`; then two 3x3
+  conv-norm-ReLU (width) with dropout 0.1 and a 1x1 conv (with bias) to `num_classes`.
 
   Attributes:
     num_classes: C (background included).
     output_stride: 16 -> ASPP rates (6, 12, 18); 8 -> (12, 24, 36).
+    width: ASPP and decoder channels; 256 is the published DeepLabV3+. Narrower only to
+      fit CPU budgets: on EfficientNet-Lite0 the 256-ch stride-4 decoder costs ~15x the
+      backbone (13.5 of 14 GFLOP per 224² forward), and CSRM runs it three times a step.
 
   Call: (high [B, h, w, Ch] at stride OS, low [B, H/4, W/4, Cl], train) ->
-    {'seg_logits': [B, H/4, W/4, C], 'features': [B, H/4, W/4, 304]} (float32).
+    {'seg_logits': [B, H/4, W/4, C], 'features': [B, H/4, W/4, width + 48]} (float32).
   """
   num_classes: int
   output_stride: int = 16
   norm: str = "batch"
   num_groups: int = 4
   dtype: Any = jnp.float32
+  width: int = 256
 
   @nn.compact
   def __call__(self, high: jax.Array, low: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -155,14 +159,14 @@ class DeepLabV3PlusHead(nn.Module):
       raise ValueError(f"DeepLabV3+ needs output_stride 8 or 16, got {self.output_stride}")
     rates = (6, 12, 18) if self.output_stride == 16 else (12, 24, 36)
     kw = dict(norm=self.norm, num_groups=self.num_groups, dtype=self.dtype)
-    y = ASPP(rates, name="aspp", **kw)(high, train)
+    y = ASPP(rates, self.width, name="aspp", **kw)(high, train)
     b, h, w, _ = low.shape
     y = jax.image.resize(y, (b, h, w, y.shape[-1]), "bilinear")
     low = ConvNormReLU(48, 1, name="low_proj", **kw)(low, train)
     feats = jnp.concatenate([y.astype(low.dtype), low], axis=-1)
     z = feats
     for i in range(2):
-      z = ConvNormReLU(256, 3, name=f"decoder{i}", **kw)(z, train)
+      z = ConvNormReLU(self.width, 3, name=f"decoder{i}", **kw)(z, train)
       z = nn.Dropout(0.1, deterministic=not train)(z)
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(z)
     return {"seg_logits": logits.astype(jnp.float32), "features": feats.astype(jnp.float32)}

@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from wsss_jax.ops import crf as crf_ops
 from wsss_jax.ops import metrics

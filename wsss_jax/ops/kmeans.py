@@ -33,6 +33,17 @@ class KMeansResult(NamedTuple):
   counts: jax.Array
 
 
+def _varying_zero(*arrays: jax.Array) -> jax.Array:
+  """A float32 0 that depends on every input.
+
+  Loop carries built from constants are device-invariant under shard_map (check_vma)
+  while the loop body makes them vary with the per-device inputs, which `fori_loop`
+  rejects; adding this zero gives the initial carry the inputs' variance.
+  """
+  return sum((jnp.sum(jnp.ravel(a)[:0]).astype(jnp.float32) for a in arrays),
+             jnp.zeros((), jnp.float32))
+
+
 def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
@@ -124,7 +135,9 @@ def kmeans(points: jax.Array, mask: jax.Array, init_centers: jax.Array, *, num_i
     return centers_from_assign(points, mask, assign, k, spherical=spherical,
                                previous=centers)[0]
 
-  centers = jax.lax.fori_loop(0, num_iters, body, init_centers.astype(jnp.float32))
+  extra = () if center_mask is None else (jnp.asarray(center_mask),)
+  init = init_centers.astype(jnp.float32) + _varying_zero(points, mask, *extra)
+  centers = jax.lax.fori_loop(0, num_iters, body, init)
   assign = assign_points(points, centers, spherical=spherical, center_mask=center_mask)
   _, counts = centers_from_assign(points, mask, assign, k, spherical=spherical,
                                   previous=centers)
@@ -179,8 +192,9 @@ def kmeans_plusplus_init(key: jax.Array, points: jax.Array, mask: jax.Array, k: 
     d2 = jnp.where(center_mask[i], jnp.minimum(d2, new_d2), d2)
     return centers, d2, have_center | center_mask[i]
 
-  init = (jnp.zeros((k, points.shape[1]), jnp.float32), jnp.full((n,), jnp.inf),
-          jnp.asarray(False))
+  zero = _varying_zero(points, mask, center_mask, jax.random.key_data(key))
+  init = (jnp.zeros((k, points.shape[1]), jnp.float32) + zero, jnp.full((n,), jnp.inf) + zero,
+          zero != 0)
   centers, _, _ = jax.lax.fori_loop(0, k, body, init)
   return centers
 

@@ -19,6 +19,7 @@ from wsss_jax.data import sources
 from wsss_jax.stages import inference
 from wsss_jax.stages import train as train_stage
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 from wsss_jax.train import mesh as mesh_lib
 
 STAGE_DIR = "baseline"
@@ -55,6 +56,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     mean_ap, aps = train_stage.classification_map(
         cfg, train_stage.classification_logits_fn(method.model),
         inference.load_variables(path), mesh)
-    wd.write_json(scores_path, {"baseline_map": mean_ap, "baseline_ap_per_class": aps,
-                                "baseline_steps": int(cfg.train.num_steps)})
+    if distributed.is_chief():
+      wd.write_json(scores_path, {"baseline_map": mean_ap, "baseline_ap_per_class": aps,
+                                  "baseline_steps": int(cfg.train.num_steps)})
+    distributed.barrier("baseline:classification")
   return wd.read_json(scores_path)

@@ -22,6 +22,7 @@ from wsss_jax.ops import cam as cam_ops
 from wsss_jax.stages import cam_store
 from wsss_jax.stages import figures
 from wsss_jax.stages import inference
+from wsss_jax.train import distributed
 from wsss_jax.train import mesh as mesh_lib
 
 OVERLAY_COUNT = 6
@@ -77,8 +78,13 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     for record, out in inference.predict_split(config, split, batch_fn, mesh,
                                                variables=variables, skip=exists):
       cam_store.save(directory, record["id"], *crop_cams(record, out))
-    cam_store.mark_complete(directory, ids)
-  overlays(config, workdir, config.data.sweep_split)
+    # Each process wrote its own images; the split is complete once all have.
+    distributed.barrier(f"cams:{split}")
+    if distributed.is_chief():
+      cam_store.mark_complete(directory, ids)
+    distributed.barrier(f"cams:{split}:marked")
+  if distributed.is_chief():
+    overlays(config, workdir, config.data.sweep_split)
   return {"cam_images": counts}
 
 

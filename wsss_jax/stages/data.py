@@ -8,15 +8,18 @@ import ml_collections as mlc
 
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = sources.prepare(config.data)
   splits = sorted({config.data.train_split, config.data.sweep_split, config.data.val_split})
   stats = {split: sources.split_statistics(config.data, split) for split in splits}
-  wd.write_json(os.path.join(workdir, "data_stats.json"),
-                {"class_names": list(meta.class_names), "splits": meta.splits, "stats": stats})
-  print(format_statistics(meta, stats))
+  if distributed.is_chief():
+    wd.write_json(os.path.join(workdir, "data_stats.json"),
+                  {"class_names": list(meta.class_names), "splits": meta.splits,
+                   "stats": stats})
+    print(format_statistics(meta, stats))
   return {"num_classes": meta.num_classes, "class_names": list(meta.class_names),
           "split_sizes": dict(meta.splits)}
 

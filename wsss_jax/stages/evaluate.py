@@ -18,6 +18,7 @@ from wsss_jax.stages import figures
 from wsss_jax.stages import inference
 from wsss_jax.stages import seg as seg_stage
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 from wsss_jax.train import mesh as mesh_lib
 
 EVAL_FILE = "evaluate.json"
@@ -56,10 +57,14 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     conf += metrics.confusion_matrix_np(record["mask"], pred, c)
     if len(gallery) < GALLERY_SIZE:
       gallery.append((record, pred))
+  conf = distributed.sum_over_processes(conf)  # each process scored its own images
   per_class, miou = metrics.iou_from_confusion_np(conf)
   headline = {f"{prefix}_miou": float(miou),
               f"{prefix}_per_class_iou": [float(x) for x in per_class],
               "seg_split": config.data.val_split}
+  if not distributed.is_chief():
+    distributed.barrier("evaluate:done")
+    return headline
   figures.label_gallery(
       os.path.join(workdir, "figures", f"{prefix}_gallery.png"), [r["image"] for r, _ in gallery],
       {"ground truth": [r["mask"] for r, _ in gallery], "prediction": [p for _, p in gallery]},
@@ -74,4 +79,5 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   # Written last: its presence means every output of the stage exists.
   wd.write_json(path, {"settings": settings, "headline": headline,
                        "confusion": conf.tolist(), "class_names": list(meta.class_names)})
+  distributed.barrier("evaluate:done")
   return headline

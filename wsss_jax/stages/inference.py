@@ -8,22 +8,34 @@ from typing import Any, Callable, Iterator
 import flax.serialization
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections as mlc
 import numpy as np
 
 from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.train import preemption
 
 VARIABLES_FILE = "final_variables.msgpack"
 
 
 def save_variables(path: str, params: Any, batch_stats: Any) -> None:
-  """Writes trained `{'params', 'batch_stats'}` (msgpack), atomically."""
-  variables = jax.device_get({"params": params, "batch_stats": batch_stats})
-  with wd.atomic_path(path) as tmp, open(tmp, "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(variables))
+  """Writes trained `{'params', 'batch_stats'}` (msgpack), atomically.
+
+  Every process must call it (arrays sharded over several processes, FSDP, are gathered
+  collectively); process 0 writes, and all return once the file exists.
+  """
+  variables = {"params": params, "batch_stats": batch_stats}
+  if jax.process_count() > 1:
+    variables = multihost_utils.process_allgather(variables, tiled=True)
+  variables = jax.device_get(variables)
+  if distributed.is_chief():
+    with wd.atomic_path(path) as tmp, open(tmp, "wb") as f:
+      f.write(flax.serialization.msgpack_serialize(variables))
+  distributed.barrier("save_variables")
 
 
 def load_variables(path: str) -> dict[str, Any]:
@@ -61,29 +73,52 @@ def predict_split(config: mlc.ConfigDict, split: str,
   into the program: calling again with new weights (a periodic eval) reuses the compiled
   function. Batches whose images
   all satisfy `skip(id)` are not computed (resume). `record` is the source record
-  (id, image, mask, labels); outputs are host numpy arrays of one image, still padded.
+  (id, image, mask, labels, and `index`: its position in the split); outputs are host
+  numpy arrays of one image, still padded.
   `add_inputs(batch)` adds host arrays to a batch before it goes to the devices (e.g. CAMs
   read from disk, batch axis first, padded like the images).
+  With several processes each yields only its own share of the split (the eval pipeline
+  gives every record to exactly one process); callers merge with `train.distributed`.
   """
   source = sources.get_source(config.data, split)
   pad = pipeline.eval_pad_size(source, config.data)
   batch_size = int(config.data.eval_batch_size)
   ds = pipeline.eval_dataset(source, config.data, pad_size=pad, batch_size=batch_size,
                              mesh=mesh, oversize="resize")
-  fn = jax.jit(batch_fn, out_shardings=mesh_lib.replicated(mesh))
+  # Outputs stay sharded like the batch: each process fetches only its own rows (its
+  # images), never the whole global batch.
+  data = mesh_lib.batch_sharding(mesh)
+  fn = jax.jit(batch_fn, out_shardings=data)
   variables = jax.device_put({} if variables is None else variables,
                              mesh_lib.replicated(mesh))
   for batch in ds:
+    # Safe point for SIGTERM: outputs of earlier batches are on disk (callers write each
+    # yielded image before asking for the next), so a rerun skips them.
+    preemption.raise_if_requested(f"a batch of split {split!r}")
     ids = [str(i) for i in batch["id"]]
     index = np.asarray(batch["index"])
     live = [k for k in range(len(ids)) if index[k] >= 0]
-    if skip is not None and all(skip(ids[k]) for k in live):
+    # The jitted call is collective over all processes: skip only when all of them can.
+    if skip is not None and distributed.all_processes_agree(
+        all(skip(ids[k]) for k in live)):
       continue
     if add_inputs is not None:
       batch = {**batch, **add_inputs(batch)}
-    out = jax.device_get(fn(variables, mesh_lib.to_global(batch, mesh)))
+    out = fn(variables, mesh_lib.to_global(batch, mesh))
+    out = jax.device_get(multihost_utils.global_array_to_host_local_array(
+        out, mesh, data.spec))
     for k in live:
-      yield source[int(index[k])], {name: value[k] for name, value in out.items()}
+      record = source[int(index[k])]
+      record["index"] = int(index[k])  # position in the split (for gather_indexed)
+      yield record, {name: value[k] for name, value in out.items()}
+
+
+def local_slots(config: mlc.ConfigDict, num_records: int) -> int:
+  """The most images one process gets from `predict_split` over `num_records` images
+  (the `slots` of `distributed.gather_indexed`)."""
+  batch_size = int(config.data.eval_batch_size)
+  return pipeline.num_batches_eval(num_records, batch_size) * (
+      batch_size // jax.process_count())
 
 
 def masked_mean_logits(cams: jax.Array, valid: jax.Array) -> jax.Array:

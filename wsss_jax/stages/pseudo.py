@@ -33,6 +33,7 @@ from wsss_jax.stages import figures
 from wsss_jax.stages import inference
 from wsss_jax.stages import sweep as sweep_stage
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 from wsss_jax.train import mesh as mesh_lib
 
 CRF_PRESETS = {"label": crf_lib.LABEL_CRF, "psa": crf_lib.PSA_CRF,
@@ -109,14 +110,18 @@ def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
 
 
 def score(config: mlc.ConfigDict, workdir: str, split: str) -> dict[str, Any]:
-  """mIoU of the pseudo-labels of `split` against its ground truth."""
+  """mIoU of the pseudo-labels of `split` against its ground truth.
+
+  Collective: with several processes each scores every process_count-th image and the
+  counts are summed, so every process must call it.
+  """
   meta = sources.get_meta(config.data)
   source = sources.get_source(config.data, split)
   c = meta.num_classes
   conf_full = np.zeros((c, c), np.int64)
   conf_labelled = np.zeros((c, c), np.int64)
   labelled = total = 0
-  for i in range(len(source)):
+  for i in distributed.shard_range(len(source)):
     record = source[i]
     label = read_label(label_path(workdir, record["id"]))
     unsure = label == pseudo_labels.IGNORE
@@ -124,6 +129,9 @@ def score(config: mlc.ConfigDict, workdir: str, split: str) -> dict[str, Any]:
     conf_labelled += metrics.confusion_matrix_np(record["mask"], label, c, valid=~unsure)
     labelled += int((~unsure).sum())
     total += unsure.size
+  conf_full, conf_labelled, (labelled, total) = (
+      distributed.sum_over_processes(x) for x in
+      (conf_full, conf_labelled, np.asarray([labelled, total], np.int64)))
   per_class, miou = metrics.iou_from_confusion_np(conf_full)
   _, miou_labelled = metrics.iou_from_confusion_np(conf_labelled)
   return {"pseudo_miou": float(miou), "pseudo_per_class_iou": [float(x) for x in per_class],
@@ -154,15 +162,20 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   if os.path.exists(marker) and wd.read_json(marker).get("settings") == settings:
     return wd.read_json(marker)["scores"]
   settings_path = os.path.join(pseudo_dir(workdir), "settings.json")
-  if os.path.exists(settings_path) and wd.read_json(settings_path) != settings:
-    # Labels on disk were made with other settings: start over rather than mix them.
-    shutil.rmtree(pseudo_dir(workdir))
-  wd.write_json(settings_path, settings)
+  if distributed.is_chief():
+    if os.path.exists(settings_path) and wd.read_json(settings_path) != settings:
+      # Labels on disk were made with other settings: start over rather than mix them.
+      shutil.rmtree(pseudo_dir(workdir))
+    wd.write_json(settings_path, settings)
+  distributed.barrier("pseudo:settings")
   mesh = mesh_lib.make_mesh(config.mesh)
   for split in dict.fromkeys([config.data.train_split, config.data.sweep_split]):
     make_labels(config, workdir, split, fg_t, mesh)
+  distributed.barrier("pseudo:labels")  # each process wrote its own images' labels
   scores = score(config, workdir, config.data.sweep_split)
   scores["pseudo_threshold"] = fg_t
-  gallery(config, workdir, config.data.sweep_split)
-  wd.write_json(marker, {"settings": settings, "scores": scores})
+  if distributed.is_chief():
+    gallery(config, workdir, config.data.sweep_split)
+    wd.write_json(marker, {"settings": settings, "scores": scores})
+  distributed.barrier("pseudo:done")
   return scores

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -16,6 +17,8 @@ import ml_collections as mlc
 
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
+from wsss_jax.train import preemption
 
 # Stage name -> module under wsss_jax.stages with `run(config, workdir) -> dict`.
 # Modules are imported lazily so the `data` stage does not pay for model imports.
@@ -26,6 +29,7 @@ STAGE_MODULES = {
     "cams": "wsss_jax.stages.cams",
     "sweep": "wsss_jax.stages.sweep",
     "pseudo": "wsss_jax.stages.pseudo",
+    "spml_labels": "wsss_jax.stages.spml_labels",
     "seg": "wsss_jax.stages.seg",
     "evaluate": "wsss_jax.stages.evaluate",
 }
@@ -76,26 +80,45 @@ def enable_compilation_cache() -> None:
 
 
 def run_stages(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Writes workdir/config.json, runs each stage, records timings; returns results.json."""
+  """Writes workdir/config.json, runs each stage, records timings; returns results.json.
+
+  With several processes (`train.distributed`) every process runs every stage on its
+  share of the work; `workdir` must be one folder all of them see (a shared file system).
+  Process 0 writes config.json and results.json.
+  """
   validate(config)
+  # Before any build or compile: every config/environment problem at once, keys named.
+  from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
+  preflight.check(config, workdir)
   enable_compilation_cache()
   workdir = os.path.abspath(workdir)
+  chief = distributed.is_chief()
   os.makedirs(workdir, exist_ok=True)
-  wd.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  wd.update_results(workdir, versions=software_versions(), method=config.method,
-                    dataset=config.data.name, backbone=config.model.backbone)
+  if chief:
+    wd.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    wd.update_results(workdir, versions=software_versions(), method=config.method,
+                      dataset=config.data.name, backbone=config.model.backbone)
+  # Every process prepares the dataset itself (no process waits in a collective through a
+  # long build): concurrent builds of one folder are safe (builders.build_atomically), and
+  # hosts with their own cache need their own copy anyway.
+  distributed.check_shared_workdir(workdir)
   for name in parse_stages(config.stages):
+    preemption.raise_if_requested(f"the start of stage {name!r}")
     logging.info("Stage %s: start", name)
     start = time.time()
     values = stage_function(name)(config, workdir) or {}
     seconds = round(time.time() - start, 2)
-    # Total wall time spent in the stage over all (resumed) runs of this workdir.
-    timings = wd.read_results(workdir).get("timings", {})
-    timings[name] = round(timings.get(name, 0.0) + seconds, 2)
-    wd.update_results(workdir, timings=timings, **values)
+    distributed.barrier(f"stage:{name}")  # every process's files of the stage exist
+    if chief:
+      # Total wall time spent in the stage over all (resumed) runs of this workdir.
+      timings = wd.read_results(workdir).get("timings", {})
+      timings[name] = round(timings.get(name, 0.0) + seconds, 2)
+      wd.update_results(workdir, timings=timings, **values)
     logging.info("Stage %s: done in %.1f s", name, seconds)
+  distributed.barrier("stages:done")
   results = wd.read_results(workdir)
-  print(summary_table(results))
+  if chief:
+    print(summary_table(results))
   return results
 
 
@@ -107,7 +130,25 @@ def software_versions() -> dict[str, str]:
   import wsss_jax
   return {"wsss_jax": wsss_jax.__version__, "jax": jax.__version__,
           "flax": flax.__version__, "optax": optax.__version__,
-          "python": platform.python_version(), "backend": jax.default_backend()}
+          "python": platform.python_version(), "backend": jax.default_backend(),
+          "git": git_revision()}
+
+
+def git_revision() -> str:
+  """The commit of the wsss_jax checkout (`+dirty` with local changes), or 'unknown'.
+
+  Recorded in results.json so a result can be traced to the code that made it.
+  """
+  package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "-C", package_dir, "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "-C", package_dir, "status", "--porcelain",
+                            "--untracked-files=no"], check=True, capture_output=True,
+                           text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"  # an installed wheel, or no git
+  return head + ("+dirty" if dirty else "")
 
 
 def summary_table(results: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from wsss_jax.data import sources
 from wsss_jax.stages import pseudo as pseudo_stage
 from wsss_jax.stages import train as train_stage
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 
 PSEUDO_SOURCES = ("pseudo", "gt")
 
@@ -28,16 +29,18 @@ class PseudoLabelSource:
   Picklable (grain workers): holds the base source and a folder path only.
   """
 
-  def __init__(self, base: Any, workdir: str):
+  def __init__(self, base: Any, workdir: str, directory: str | None = None):
     self.base = base
     self.workdir = workdir
+    self.directory = directory  # folder of <id>.png; None = the pseudo stage's
 
   def __len__(self) -> int:
     return len(self.base)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = dict(self.base[index])
-    path = pseudo_stage.label_path(self.workdir, record["id"])
+    path = (os.path.join(self.directory, f"{record['id']}.png") if self.directory
+            else pseudo_stage.label_path(self.workdir, record["id"]))
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path}: pseudo-label missing; run the pseudo stage first")
     label = pseudo_stage.read_label(path)
@@ -74,13 +77,19 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = sources.prepare(config.data)
   source = sources.get_source(config.data, config.data.train_split)
   if origin == "pseudo":
-    source = PseudoLabelSource(source, workdir)
+    source = PseudoLabelSource(source, workdir, label_dir(config, workdir))
   c = seg_config(config)
   out_dir = seg_dir(config, workdir)
   check_inputs(out_dir, training_inputs(config, workdir))
   method = methods.make_method(c, meta.num_classes, name="seg")
   train_stage.train_method(c, out_dir, method, source)
   return {"seg_pseudo_source": origin}
+
+
+def label_dir(config: mlc.ConfigDict, workdir: str) -> str:
+  """The pseudo-label folder: `seg.pseudo_dir` under the workdir ('pseudo' = the pseudo
+  stage's; SPML's configs use 'spml/pseudo', the spml_labels stage's)."""
+  return os.path.join(workdir, config.seg.get("pseudo_dir", "pseudo"))
 
 
 def training_inputs(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -90,7 +99,7 @@ def training_inputs(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
             "seg": {k: v for k, v in config.seg.to_dict().items()
                     if k not in ("crf", "scales", "flip")},
             "backbone": config.model.backbone}
-  settings = os.path.join(pseudo_stage.pseudo_dir(workdir), "settings.json")
+  settings = os.path.join(label_dir(config, workdir), "settings.json")
   if config.seg.pseudo_source == "pseudo" and os.path.exists(settings):
     inputs["pseudo"] = wd.read_json(settings)
   return inputs
@@ -102,7 +111,10 @@ def check_inputs(out_dir: str, inputs: dict[str, Any]) -> None:
   Checkpoints are never deleted here: the user decides (delete the folder to retrain).
   """
   path = os.path.join(out_dir, "inputs.json")
-  if os.path.exists(path):
+  existed = os.path.exists(path)
+  # Every process looks before process 0 may write it below.
+  distributed.barrier("seg:inputs:checked")
+  if existed:
     before = wd.read_json(path)
     if before != json.loads(json.dumps(inputs)):
       raise ValueError(
@@ -110,4 +122,6 @@ def check_inputs(out_dir: str, inputs: dict[str, Any]) -> None:
           f"({path}: {before}) than this run's ({inputs}). Delete {out_dir} to retrain, "
           "or use another --workdir.")
     return
-  wd.write_json(path, inputs)
+  if distributed.is_chief():
+    wd.write_json(path, inputs)
+  distributed.barrier("seg:inputs")

@@ -17,6 +17,7 @@ from wsss_jax.ops import metrics
 from wsss_jax.stages import cam_store
 from wsss_jax.stages import figures
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 
 SWEEP_FILE = "sweep.json"
 
@@ -42,19 +43,22 @@ def threshold_predictions(scores: np.ndarray, thresholds: np.ndarray) -> np.ndar
 
 def sweep_confusions(workdir: str, config: mlc.ConfigDict, split: str,
                      thresholds: np.ndarray) -> np.ndarray:
-  """Accumulates int64 [T, C, C] confusion matrices over the split."""
+  """Accumulates int64 [T, C, C] confusion matrices over the split.
+
+  Collective: each process reads every process_count-th image; the sums are merged.
+  """
   meta = sources.get_meta(config.data)
   source = sources.get_source(config.data, split)
   directory = cam_store.split_dir(workdir, split)
   conf = np.zeros((len(thresholds), meta.num_classes, meta.num_classes), np.int64)
-  for i in range(len(source)):
+  for i in distributed.shard_range(len(source)):
     record = source[i]
     scores = cam_store.dense_scores(cam_store.load(directory, record["id"]),
                                     meta.num_classes - 1)
     preds = threshold_predictions(scores, thresholds)
     for t in range(len(thresholds)):
       conf[t] += metrics.confusion_matrix_np(record["mask"], preds[t], meta.num_classes)
-  return conf
+  return distributed.sum_over_processes(conf)
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -79,8 +83,10 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       "per_class_iou": [float(x) for x in ious[best][0]],
       "class_names": list(meta.class_names),
   }
-  wd.write_json(path, result)
-  figures.threshold_curve(os.path.join(workdir, "figures", "threshold_curve.png"), result)
+  if distributed.is_chief():
+    wd.write_json(path, result)
+    figures.threshold_curve(os.path.join(workdir, "figures", "threshold_curve.png"), result)
+  distributed.barrier("sweep:done")
   return _headline(result)
 
 

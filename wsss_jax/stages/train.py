@@ -21,8 +21,10 @@ from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.stages import inference
 from wsss_jax.stages import workdir as wd
+from wsss_jax.train import distributed
 from wsss_jax.train import loop
 from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.train import rollback
 from wsss_jax.train import warm_start
 
 
@@ -36,10 +38,14 @@ def train_method(config: mlc.ConfigDict, out_dir: str, method: Any, source: Any,
   if os.path.exists(path):
     return path
   mesh = mesh_lib.make_mesh(config.mesh)
-  state = loop.train(
-      method, config, out_dir,
-      lambda: pipeline.train_dataset(source, config.data, seed=config.seed, mesh=mesh), mesh,
-      eval_fn=eval_fn if int(config.train.eval_every) > 0 else None)
+  # `train.nan_retries > 0`: a NaN/Inf rolls back to the last finite checkpoint and
+  # retries with a lower learning rate (train/rollback.py); `c` is config, LR scaled.
+  state = rollback.train_with_rollback(
+      lambda c: loop.train(
+          method, c, out_dir,
+          lambda: pipeline.train_dataset(source, c.data, seed=c.seed, mesh=mesh), mesh,
+          eval_fn=eval_fn if int(c.train.eval_every) > 0 else None),
+      config, out_dir)
   inference.save_variables(path, state.params, state.batch_stats)
   return path
 
@@ -110,8 +116,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return {"map": classification_map(config, logits_fn, variables, mesh)[0]}
 
-  path = train_method(config, out_dir, method,
-                      sources.get_source(config.data, config.data.train_split),
+  source = sources.get_source(config.data, config.data.train_split)
+  if config.method == "spml":  # masks = CAM pseudo-labels or weak labels, + superpixels
+    from wsss_jax.stages import spml_labels  # pylint: disable=import-outside-toplevel
+    source = spml_labels.training_source(config, workdir, source)
+  path = train_method(config, out_dir, method, source,
                       eval_fn=periodic_eval)
   scores_path = os.path.join(out_dir, "classification.json")
   if os.path.exists(scores_path):
@@ -120,7 +129,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
                                     mesh)
   result = {"train_map": mean_ap, "train_ap_per_class": aps,
             "train_map_split": config.data.val_split}
-  wd.write_json(scores_path, result)
+  if distributed.is_chief():
+    wd.write_json(scores_path, result)
+  distributed.barrier("train:classification")
   return result
 
 
@@ -137,10 +148,21 @@ def classification_logits_fn(model: Any):
 
 def classification_map(config: mlc.ConfigDict, logits_fn: Any, variables: dict[str, Any],
                        mesh: Any) -> tuple[float, list[float]]:
-  """Image-level mAP on `data.val_split` (`logits_fn` from `classification_logits_fn`)."""
-  scores, labels = [], []
+  """Image-level mAP on `data.val_split` (`logits_fn` from `classification_logits_fn`).
+
+  Collective: each process scores its share of the images; all get the same mAP.
+  """
+  source = sources.get_source(config.data, config.data.val_split)
+  num_fg = len(source[0]["labels"])
+  index, scores, labels = [], [], []
   for record, out in inference.predict_split(config, config.data.val_split, logits_fn,
                                              mesh, variables=variables):
+    index.append(record["index"])
     scores.append(out["logits"])
     labels.append(np.asarray(record["labels"]) > 0)
-  return mean_average_precision(np.stack(scores), np.stack(labels))
+  merged = distributed.gather_indexed(
+      np.asarray(index, np.int64),
+      {"scores": np.asarray(scores, np.float32).reshape(len(index), num_fg),
+       "labels": np.asarray(labels, bool).reshape(len(index), num_fg)},
+      len(source), inference.local_slots(config, len(source)))
+  return mean_average_precision(merged["scores"], merged["labels"])

@@ -7,6 +7,7 @@ that a later run would take as complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -27,6 +28,11 @@ def atomic_path(path: str) -> Iterator[str]:
   try:
     yield tmp
     os.replace(tmp, path)
+  except OSError as e:
+    if e.errno == errno.ENOSPC:  # the bare error names no file; say which and what is kept
+      raise OSError(errno.ENOSPC, f"No space left on device while writing {path} (the "
+                    "previous version, if any, is kept); free space and rerun") from e
+    raise
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

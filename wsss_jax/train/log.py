@@ -73,6 +73,17 @@ def _to_json_value(v: Any) -> Any:
   return a.tolist()
 
 
+def _end_cut_line(path: str) -> None:
+  """Ends a last line cut off by a killed writer, so appended records start on a new line
+  (readers then skip the one broken line instead of losing the next record with it)."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) != b"\n":
+      f.write(b"\n")
+
+
 class MetricWriter:
   """Appends `{'step': s, **metrics}` lines to `workdir/metrics.jsonl` (process 0 only).
 
@@ -89,6 +100,7 @@ class MetricWriter:
     self._tb = None
     if self.chief:
       os.makedirs(workdir, exist_ok=True)
+      _end_cut_line(self.path)
       if tensorboard:
         self._tb = _make_tb_writer(os.path.join(workdir, "tb"))
 

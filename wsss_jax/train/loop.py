@@ -19,6 +19,10 @@ eval and checkpoint step they are fetched and checked in order, so the error nam
 step and metric that went non-finite (`loss*`, `l2_*`). Training then stops with
 `NonFiniteError`; no later checkpoint is written (the checkpointer also refuses non-finite
 states), so the newest checkpoint on disk is the last finite one.
+
+Preemption (`train/preemption.py`): after every step the loop polls the SIGTERM flag; when
+set it saves a checkpoint of that step (data position included), writes a
+`{"step": s, "preempted": ...}` line and raises `Preempted`. A rerun resumes exactly there.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from wsss_jax.train import log as log_lib
 from wsss_jax.train import mesh as mesh_lib
 from wsss_jax.train import nan_guard
 from wsss_jax.train import optim as optim_lib
+from wsss_jax.train import preemption
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib
 from wsss_jax.train.nan_guard import NonFiniteError
@@ -104,8 +109,10 @@ def train(method: Method, config: Any, workdir: str,
   chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if chief and hasattr(config, "to_json_best_effort"):
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:  # then renamed: a kill never leaves half a file
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
 
   sample_batch_shapes = sample_batch_shapes or default_sample_batch_shapes(config)
   optimizer = optimizer or state_lib.make_optimizer_for(method, config, sample_batch_shapes)
@@ -126,7 +133,11 @@ def train(method: Method, config: Any, workdir: str,
       logging.info("Training already complete (step %d >= %d).", start, num_steps)
       return state
 
-    step_fn = step_lib.make_train_step(method, optimizer, mesh, config)
+    # Compiling can take minutes on big models: honour a SIGTERM that came meanwhile.
+    preemption.raise_if_requested(f"the start of training in {workdir} (step {start})")
+    step_fn = step_lib.make_train_step(
+        method, optimizer, mesh, config,
+        state_shardings=jax.tree.map(lambda a: a.sharding, abstract))
     t_wait = time.perf_counter()
     batch = mesh_lib.to_global(next(data_iter), mesh)
     data_wait = time.perf_counter() - t_wait
@@ -170,6 +181,16 @@ def train(method: Method, config: Any, workdir: str,
         raise NonFiniteError(msg, step=bad_step, metric=metric, value=value)
       logged.extend({k: float(v) for k, v in m.items()} for _, m in host)
 
+    def stop_for_preemption(s: int) -> None:
+      """Saves step `s` (state + data position) and raises `Preempted` (SIGTERM)."""
+      flush()  # the NaN guard first: never checkpoint a broken state
+      checkpointer.save(s, state, data_iter, {"method": method.name, "preempted": True})
+      checkpointer.wait_until_finished()  # finalized on disk before the process exits
+      writer.write(s, {"preempted": f"stopped after step {s}, checkpoint saved"})
+      logging.warning("Preempted: checkpoint step %d saved in %s", s, checkpointer.directory)
+      raise preemption.Preempted(f"train step {s}", step=s,
+                                 checkpoint=checkpointer.directory)
+
     for step in range(start, num_steps):
       if step > start:
         t_wait = time.perf_counter()
@@ -203,13 +224,18 @@ def train(method: Method, config: Any, workdir: str,
       progress.update(1)
       if is_eval:
         chrono.pause()
-        results = eval_fn(state, s) or {}
+        try:
+          results = eval_fn(state, s) or {}
+        except preemption.Preempted:  # raised between eval batches: keep step s
+          stop_for_preemption(s)
         writer.write(s, {(k if "/" in k else f"eval/{k}"): v for k, v in results.items()})
         chrono.resume()
       if is_ckpt:
         chrono.pause()
         checkpointer.save(s, state, data_iter, {"method": method.name})
         chrono.resume()
+      if s < num_steps and preemption.should_stop():
+        stop_for_preemption(s)
     checkpointer.wait_until_finished()
     return state
   finally:

@@ -108,7 +108,8 @@ def _update(method: base.Method, optimizer: optim_lib.Optimizer, ctx: base.StepC
 
 
 def make_train_step(method: base.Method, optimizer: optim_lib.Optimizer, mesh: Mesh,
-                    config: Any = None, *, step_impl: str | None = None) -> StepFn:
+                    config: Any = None, *, step_impl: str | None = None,
+                    state_shardings: Any = None) -> StepFn:
   """Builds the jitted, sharded train step `step(state, batch) -> (state, metrics)`.
 
   Args:
@@ -117,6 +118,9 @@ def make_train_step(method: base.Method, optimizer: optim_lib.Optimizer, mesh: M
     mesh: the device mesh (axis `data`).
     config: full config; reads `config.mesh.step_impl` (`jit` | `shard_map`).
     step_impl: overrides the config.
+    state_shardings: the TrainState's shardings (`state.abstract_train_state(...)`
+      leaves' `.sharding`); default replicated. Needed for FSDP meshes, where large
+      leaves are split over `fsdp`; the updated state keeps the same shardings.
 
   Returns:
     The jitted step. `state` is donated: do not reuse it after the call. `batch` holds
@@ -127,6 +131,10 @@ def make_train_step(method: base.Method, optimizer: optim_lib.Optimizer, mesh: M
     step_impl = config.mesh.get("step_impl", "jit") if config is not None else "jit"
   repl, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   axis = mesh_lib.DATA_AXIS
+  state_sh = repl if state_shardings is None else state_shardings
+  if mesh_lib.FSDP_AXIS in mesh.axis_names and step_impl != "jit":
+    raise ValueError(f"mesh.step_impl={step_impl!r} needs a data-parallel mesh; with "
+                     "mesh.fsdp > 1 use step_impl='jit' (XLA inserts the FSDP gathers)")
 
   if step_impl == "jit":
     ctx = base.StepContext(model=method.model, axis_name=None)
@@ -150,5 +158,5 @@ def make_train_step(method: base.Method, optimizer: optim_lib.Optimizer, mesh: M
   else:
     raise ValueError(f"mesh.step_impl={step_impl!r}; expected 'jit' or 'shard_map'")
 
-  return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl),
+  return jax.jit(step, in_shardings=(state_sh, data), out_shardings=(state_sh, repl),
                  donate_argnums=(0,))

@@ -1,0 +1,311 @@
+"""DSCNet-R (methods/dscnet.py, ops/group_contrast.py): groups, PGCL, SGCL, fusion, sharding."""
+import importlib.util
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from tiny_model import TinyBackbone, make_batches, max_abs_diff, run_steps, tiny_config
+from tiny_model import fast_compile  # noqa: F401  (module fixture)
+from wsss_jax.methods import base
+from wsss_jax.methods import dscnet
+from wsss_jax.ops import group_contrast as gc
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  cfg = tiny_config()
+  cfg.method = "dscnet_r"
+  cfg.dscnet_r = mlc.ConfigDict(dscnet.dscnet_config())
+  for key, value in overrides.items():
+    node = cfg.dscnet_r
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+class IdentityBackbone(nn.Module):
+  """Features = the input itself (times a unit scale, so `backbone` has a parameter)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return x * self.param("scale", nn.initializers.ones, ())
+
+
+def _three_cluster_image():
+  """4x4 cells, 4 channels: rows 0-1 ~ a, row 2 ~ b, row 3 ~ c; scaled and shifted copies
+  (Pearson-invariant) in some cells; the last cell is zero padding."""
+  a, b, c = np.eye(4, dtype=np.float32)[:3] * 3 + 0.1
+  feats = np.zeros((4, 4, 4), np.float32)
+  feats[:2], feats[2], feats[3] = a, b, c
+  feats[0, 0] = 5 * a + 7          # same Pearson direction as a
+  feats[2, 1] = 0.5 * b - 2
+  feats[3, 3] = 0                  # padding cell
+  truth = np.array([0] * 8 + [1] * 4 + [2] * 3 + [-1])
+  return feats, truth
+
+
+def test_valid_cells_marks_zero_padding():
+  img = np.ones((1, 8, 8, 3), np.float32)
+  img[0, :, 5:] = 0        # columns 5..7 padding: cell (., 1) covers columns 4..7, 1/4 real
+  img[0, 6:, :] = 0        # rows 6..7 padding: cell (1, .) covers rows 4..7, 1/2 real
+  got = np.asarray(gc.valid_cells(jnp.asarray(img), (2, 2)))
+  np.testing.assert_array_equal(got[0], [[True, False], [False, False]])
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_groups_and_labels_hand_made(init):
+  feats, truth = _three_cluster_image()
+  points, spherical = gc.kmeans_points(jnp.asarray(feats.reshape(16, 4)), "pearson")
+  mask = jnp.asarray(truth >= 0)
+  hits = 0
+  for seed in range(5):
+    res = gc.group_pixels(jax.random.key(seed), points, mask, jnp.asarray(3), k_max=5,
+                          num_iters=10, spherical=spherical, init=init)
+    assign = np.asarray(res.assign)
+    assert assign[-1] == -1 and set(assign[:-1]) <= {0, 1, 2}
+    # A partition equal to the truth up to a relabelling.
+    if all(len(set(assign[truth == t])) == 1 for t in range(3)) and len(set(assign[:-1])) == 3:
+      hits += 1
+  # k-means++ always separates three orthogonal directions; Forgy seeds may repeat a
+  # cluster (then k-means is stuck in a local optimum), but not for most seeds.
+  assert hits == 5 if init == "kmeans++" else hits >= 2
+  res = gc.group_pixels(jax.random.key(0), points, mask, jnp.asarray(3), k_max=5,
+                        num_iters=10, spherical=True)
+  assign = res.assign
+  # Majority label per group: cluster 0 has one cell labelled 0, the rest 1.
+  pix = np.array([1] * 8 + [2] * 4 + [0] * 3 + [255])
+  pix[3] = 0
+  labels = np.asarray(gc.group_labels(jnp.asarray(pix), assign, 5, 3))
+  expect = {int(np.asarray(assign)[truth == t][0]): lab for t, lab in [(0, 1), (1, 2), (2, 0)]}
+  for g, lab in expect.items():
+    assert labels[g] == lab
+  # K_i = 2 uses only the first two slots.
+  res2 = gc.group_pixels(jax.random.key(0), points, mask, jnp.asarray(2), k_max=5,
+                         num_iters=10, spherical=True)
+  assert set(np.asarray(res2.assign[:-1])) == {0, 1}
+
+
+def test_model_group_count_is_classes_plus_one():
+  feats, _ = _three_cluster_image()
+  images = jnp.asarray(np.stack([feats, feats]))
+  cfg = _config(variant="independent")
+  method = dscnet.make_dscnet_method(cfg, 4, backbone=IdentityBackbone())
+  v = method.init(jax.random.key(0), images)
+  labels = jnp.asarray([[1, 1, 0], [0, 0, 0]], jnp.float32)  # K = 3 and K = 1
+  out = method.model.apply({"params": v["params"]}, images, train=True, labels=labels)
+  np.testing.assert_array_equal(np.asarray(out["group_valid"]).sum(-1), [3, 1])
+  assert out["assign"].shape == (2, 16) and int(out["assign"][0, -1]) == -1
+  assert out["group_emb"].shape == (2, 4, 4) and out["group_class_logits"].shape == (2, 4, 4)
+
+
+def test_multi_positive_nce_hand_computed():
+  s = math.sqrt(0.5)
+  emb = jnp.asarray([[1, 0], [0, 1], [1, 0], [s, s], [-1, 0], [0, -1]], jnp.float32)
+  lab = jnp.asarray([0, 1, 0, 1, 2, 1])
+  valid = jnp.asarray([True, True, True, True, True, False])  # last key is invalid
+  ids = jnp.arange(6)
+  t = 0.5
+  loss, has_pos = gc.multi_positive_nce(emb, lab, ids, emb, lab, valid, ids, t)
+  e = lambda x: math.exp(x / t)
+  # anchor 0 (label 0): positive 2 (cos 1); others 1 (0), 3 (s), 4 (-1).
+  l0 = -math.log(e(1) / (e(1) + e(0) + e(s) + e(-1)))
+  # anchor 1 (label 1): positive 3 (cos s) (5 is invalid); others 0 (0), 2 (0), 4 (0).
+  l1 = -math.log(e(s) / (e(s) + 3 * e(0)))
+  # anchor 3 (label 1): positive 1 (s); others 0 (s), 2 (s), 4 (-s).
+  l3 = -math.log(e(s) / (3 * e(s) + e(-s)))
+  np.testing.assert_allclose(np.asarray(loss)[[0, 1, 2, 3]], [l0, l1, l0, l3], rtol=1e-5)
+  # anchor 4: the only label-2 item -> no positive; anchor 5 ([0, -1], an invalid key but
+  # a valid anchor): positives 1 (cos -1) and 3 (-s); others 0, 2, 4 (cos 0).
+  np.testing.assert_array_equal(np.asarray(has_pos), [1, 1, 1, 1, 0, 1])
+  assert float(loss[4]) == 0.0
+  l5 = -math.log((e(-1) + e(-s)) / (3 * e(0) + e(-1) + e(-s)))
+  np.testing.assert_allclose(float(loss[5]), l5, rtol=1e-5)
+  # Gradients stay finite with an anchor that has no positive.
+  g = jax.grad(lambda x: jnp.sum(gc.multi_positive_nce(x, lab, ids, x, lab, valid, ids,
+                                                       t)[0]))(emb)
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
+def _two_region_case(variant="independent"):
+  """Two identical 4x4 images: left half va, right half vb; class 1 present; hand params."""
+  va, vb = np.array([4, 1, 0, 0], np.float32), np.array([0, 0, 1, 4], np.float32)
+  img = np.zeros((4, 4, 4), np.float32)
+  img[:, :2], img[:, 2:] = va, vb
+  images = jnp.asarray(np.stack([img, img]))
+  labels = jnp.asarray([[1, 0], [1, 0]], jnp.float32)
+  cfg = _config(variant=variant, **{"reconstructed.pgcl_temperature": 0.5,
+                                    "reconstructed.sgcl_temperature": 0.3})
+  method = dscnet.make_dscnet_method(cfg, 3, backbone=IdentityBackbone())
+  params = method.init(jax.random.key(0), images)["params"]
+  params = jax.tree.map(np.asarray, params)
+  params["cam_head"]["classifier"]["kernel"] = np.eye(4, 2, dtype=np.float32)[None, None]
+  params["bg_node"] = np.array([0, 0, 0, 1], np.float32)
+  return method, params, {"image": images, "labels": labels}, va, vb
+
+
+def test_pgcl_and_sgcl_losses_hand_computed():
+  method, params, batch, va, vb = _two_region_case()
+  ctx = base.StepContext(model=method.model)
+  value, aux = jax.jit(lambda p: method.loss(p, {}, {}, batch, jax.random.key(0),
+                                             jnp.asarray(0), ctx))(params)
+  m = aux.metrics
+  ga, gb = va / np.linalg.norm(va), vb / np.linalg.norm(vb)
+  # CAM of class 1 = feature channel 0: 4 on the left, 0 on the right -> Y = 1 | 0, so the
+  # two groups are labelled 1 (left) and 0 (right) in both images.
+  t = 0.5
+  c = float(ga @ gb)
+  pgcl = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2 * math.exp(c / t)))
+  np.testing.assert_allclose(float(m["loss_pgcl"]), pgcl, rtol=1e-5)
+  nodes = np.array([[0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
+  ts = 0.3
+
+  def ce(g, y):
+    z = nodes @ g / ts
+    return float(np.log(np.exp(z).sum()) - z[y])
+
+  np.testing.assert_allclose(float(m["loss_sgcl"]), (ce(ga, 1) + ce(gb, 0)) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(m["groups_per_image"]), 2.0)
+  expect = float(m["loss_cls"]) + 0.6 * pgcl + 0.4 * float(m["loss_sgcl"])
+  np.testing.assert_allclose(float(value), expect, rtol=1e-5)
+
+
+def test_fusion_hand_computed():
+  feats = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+  mask = jnp.asarray([True, True, False])
+  q = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+  a_sem = np.asarray(gc.semantic_affinity(q, mask))
+  np.testing.assert_allclose(a_sem, [[1, 0, 0], [0, 1, 0], [0, 0, 0]], atol=1e-6)
+  pts = gc.pearson_normalize(jnp.asarray([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.1, 0.0]]))
+  a_pix = np.asarray(gc.pixel_affinity(pts, mask, 0.5))
+  p = np.asarray(pts) @ np.asarray(pts).T / 0.5
+  row0 = np.exp(p[0, :2]) / np.exp(p[0, :2]).sum()
+  np.testing.assert_allclose(a_pix[0], [row0[0], row0[1], 0.0], rtol=1e-5)
+  np.testing.assert_allclose(a_pix[2], 0.0)
+  fused = np.asarray(gc.fuse_features(feats, jnp.asarray(a_pix), jnp.asarray(a_sem), mask))
+  a = (a_pix + a_sem)[:2]
+  a = a / a.sum(-1, keepdims=True)
+  np.testing.assert_allclose(fused[:2], a @ np.asarray(feats), rtol=1e-5)
+  np.testing.assert_allclose(fused[2], 0.0)
+  prod = np.asarray(gc.fuse_features(feats, jnp.asarray(a_pix), jnp.asarray(a_sem), mask,
+                                     "product"))
+  np.testing.assert_allclose(prod[:2], np.asarray(feats)[:2], rtol=1e-5)  # diagonal A
+
+
+@pytest.mark.parametrize("variant,cams_output", [("full", "auto"), ("full", "plain"),
+                                                 ("pgcl_only", "auto")])
+def test_refined_cam_shapes_and_outputs(variant, cams_output):
+  cfg = _config(variant=variant, **{"reconstructed.cams_output": cams_output})
+  method = dscnet.make_dscnet_method(cfg, 5, backbone=TinyBackbone(8))
+  images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  images[1, :, 8:] = 0  # right half padding
+  v = method.init(jax.random.key(0), jnp.asarray(images))
+  out = method.model.apply(v, jnp.asarray(images), train=False)
+  assert out["logits"].shape == (2, 4) and out["cams"].shape == (2, 8, 8, 4)
+  assert out["plain_cams"].shape == (2, 8, 8, 4)
+  np.testing.assert_array_equal(np.asarray(out["valid"][1, :, 4:]), False)
+  if variant == "full":
+    assert v["params"]["refined_head"]["classifier"]["kernel"].shape == (1, 1, 16, 4)
+    assert out["refined_cams"].shape == (2, 8, 8, 4)
+    assert np.all(np.asarray(out["assign"][1].reshape(8, 8)[:, 4:]) == -1)
+    chosen = out["refined_cams"] if cams_output == "auto" else out["plain_cams"]
+    np.testing.assert_array_equal(np.asarray(out["cams"]), np.asarray(chosen))
+    assert not np.allclose(np.asarray(out["refined_cams"]), np.asarray(out["plain_cams"]))
+  else:
+    assert "refined_head" not in v["params"] and "bg_node" not in v["params"]
+    assert "assign" not in out  # no clustering at inference without fusion
+    np.testing.assert_array_equal(np.asarray(out["cams"]), np.asarray(out["plain_cams"]))
+
+
+@pytest.mark.parametrize("overrides,impls", [
+    ({}, ["shard_map", "jit"]),
+    ({"reconstructed.kmeans_init": "random"}, ["shard_map"]),
+    ({"pgcl_mode": "pixel", "reconstructed.kmeans_init": "random"}, ["shard_map"]),
+])
+def test_sharded_step_matches_single_device(overrides, impls):
+  # A low background score gives foreground groups, so PGCL has negatives (non-zero).
+  overrides = {"reconstructed.pseudo_bg_threshold": 0.05, **overrides}
+  batches = make_batches(2)
+  method = dscnet.make_dscnet_method(_config(**overrides), 5, backbone=TinyBackbone(8))
+  ref, ref_hist = run_steps(method, _config(**overrides), 1, "jit", batches)
+  assert all(h["loss_pgcl"] > 1e-3 and h["loss_sgcl"] > 1e-3 for h in ref_hist)
+  for impl in impls:
+    got, hist = run_steps(method, _config(**overrides), 8, impl, batches)
+    assert max_abs_diff(got.params, ref.params) < 2e-5, impl
+    for key in ("loss", "loss_pgcl", "loss_sgcl", "loss_refined_cls", "groups_per_image"):
+      np.testing.assert_allclose(hist[-1][key], ref_hist[-1][key], rtol=2e-5, atol=1e-6,
+                                 err_msg=f"{impl} {key}")
+
+
+def test_group_contrast_is_cheaper_than_pixel_contrast():
+  """The efficiency claim as XLA-counted FLOPs of the loss (not a timing)."""
+  batch = make_batches(1, batch=8, size=32)[0]
+  flops = {}
+  for mode in ("group", "pixel"):
+    cfg = _config(variant="pgcl_only", pgcl_mode=mode)
+    method = dscnet.make_dscnet_method(cfg, 5, backbone=TinyBackbone(8))
+    v = method.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))
+    ctx = base.StepContext(model=method.model)
+    fn = jax.jit(jax.grad(lambda p: method.loss(p, v["batch_stats"], {}, batch,
+                                                jax.random.key(0), jnp.asarray(0), ctx)[0]))
+    flops[mode] = fn.lower(v["params"]).compile().cost_analysis()["flops"]
+  # 8 images x 256 cells: the pixel variant's 2048 x 2048 similarity matrix dominates.
+  assert flops["pixel"] > 3 * flops["group"]
+
+
+def _load_config(path, arg):
+  spec = importlib.util.spec_from_file_location("cfg_" + path.replace("/", "_"),
+                                                os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("path,base_path", [("configs/synthetic/dscnet.py",
+                                             "configs/synthetic/cam.py"),
+                                            ("configs/voc/dscnet.py", "configs/voc/cam.py")])
+def test_configs_mirror_cam_and_validate(path, base_path):
+  for arg in ("runlocal", ""):
+    c, b = _load_config(path, arg), _load_config(base_path, arg)
+    assert c.method == "dscnet_r" and c.dscnet_r.variant == "full"
+    for key in ("model", "data", "train", "optim", "cams", "sweep", "pseudo", "seg"):
+      assert c[key].to_dict() == b[key].to_dict(), key
+  c = _load_config(path, "runlocal,variant=sgcl_only,pgcl_mode=pixel,pixel_samples=64")
+  assert (c.dscnet_r.variant, c.dscnet_r.pgcl_mode, c.dscnet_r.pixel_num_samples) == (
+      "sgcl_only", "pixel", 64)
+  with pytest.raises(ValueError, match="variant"):
+    _load_config(path, "variant=m5")
+  bad = _config(variant="pgcl_only", **{"reconstructed.cams_output": "refined"})
+  with pytest.raises(ValueError, match="cams_output"):
+    dscnet.make_dscnet_method(bad, 5, backbone=TinyBackbone(8))
+  with pytest.raises(ValueError, match="pgcl_temperature"):
+    dscnet.make_dscnet_method(_config(**{"reconstructed.pgcl_temperature": 0.0}), 5,
+                              backbone=TinyBackbone(8))
+
+
+def test_alternative_reconstruction_choices_train():
+  """The non-default choices (refined labels, raw k-means, product fusion) give a finite
+  loss and gradient for every parameter group."""
+  cfg = _config(**{"reconstructed.label_source": "refined", "reconstructed.kmeans_space": "raw",
+                   "reconstructed.fusion_combine": "product",
+                   "reconstructed.pseudo_bg_threshold": 0.05})
+  method = dscnet.make_dscnet_method(cfg, 5, backbone=TinyBackbone(8))
+  batch = make_batches(1, batch=4)[0]
+  v = method.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))
+  ctx = base.StepContext(model=method.model)
+  (value, aux), grads = jax.jit(jax.value_and_grad(
+      lambda p: method.loss(p, v["batch_stats"], {}, batch, jax.random.key(0),
+                            jnp.asarray(3), ctx), has_aux=True))(v["params"])
+  assert np.isfinite(float(value)) and float(aux.metrics["loss_pgcl"]) > 0
+  for name in ("backbone", "cam_head", "refined_head", "bg_node"):
+    g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[name])])
+    assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name

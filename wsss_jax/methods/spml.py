@@ -1,0 +1,383 @@
+"""SPML: semi-supervised pixel-wise metric learning (Ke, Hwang, Yu, ICLR 2021; METHODS.md §5).
+
+Model (`SPMLNet`, §5.1): backbone (params under `backbone`, warm-startable from the CAM
+baseline) -> ASPP-L embedding head (four 3x3 atrous convs summed, `spml.embedding_dim`
+channels, no norm/ReLU) -> bilinear upsampling to stride 4 -> L2 normalisation. A softmax
+classifier head (3x3 conv 128 no bias, BN, ReLU, dropout 0.75, 1x1 conv to C classes)
+reads the *detached* embedding. Outputs: `embedding` [B, h4, w4, D] (unit norm),
+`seg_logits` [B, h4, w4, C], and for the shared stages' contract `cams` [B, h4, w4, C-1]
+(class-vs-background logit differences of the classifier) and `logits` [B, C-1] (their
+spatial mean). SPML's pipeline never runs the `cams` stage on its own variables.
+
+One train step (§5.2-5.3), per image of the batch:
+  1. v_i = normalise([e_i, loc_i]) (detached) is clustered by spherical k-means, grid init
+     (`spml.kmeans_grid`^2 clusters), `spml.kmeans_iters` iterations; pixels whose label is
+     255 (void, padding) are left out (`ops/kmeans.py`).
+  2. Segments = cluster x label x superpixel (`ops/segments.py`), at most
+     `spml.max_segments` per image; prototypes mu_s = normalise(mean e_i) (differentiable)
+     and, for relation I, the location-augmented mean of v_i.
+  3. Prototypes of the whole global batch (gathered across devices) plus a memory of the
+     previous `spml.memory_batches` batches (detached) enter relations A and C; relation I
+     uses the image's own segments only; relation O (off unless `lambda_o > 0`) relabels
+     unlabeled segments by their nearest labeled one (`ops/vmf_loss.py`).
+  4. loss = l_A (CE_classifier + L_A) + l_C L_C + l_I L_I + l_O L_O (the released code folds
+     the classifier CE into the A term; `spml.cls_weight` >= 0 overrides its weight).
+
+Labels in `batch['mask']` (never the ground truth for tags: the train stage feeds the CAM
+pseudo-labels, see `stages/spml_labels.py`): 0..C-1 classes, C = "unlabeled" (low
+confidence: takes part in clustering and relations I/C/O, not in A or the CE), 255 = void.
+`batch['superpixels']` int32 [B, S, S] holds the over-segmentation (absent: one superpixel
+per image, and relation I is off).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+
+from wsss_jax.methods import base
+from wsss_jax.methods import seg as seg_method
+from wsss_jax.ops import contrastive
+from wsss_jax.ops import kmeans as kmeans_ops
+from wsss_jax.ops import resize
+from wsss_jax.ops import segments as seg_ops
+from wsss_jax.ops import vmf_loss
+
+IGNORE = 255
+WEAK_LABELS = ("tags", "points", "scribbles", "boxes")
+# (lambda_I, lambda_A, lambda_C, lambda_O) per weak label: paper Table 5 and the released
+# code's scripts (METHODS.md §5.3 notes: the code uses ~0.3x the paper for tags/boxes).
+LAMBDAS = {
+    "paper": {"tags": (0.3, 1.0, 1.0, 0.0), "boxes": (0.3, 1.0, 1.0, 0.0),
+              "points": (1.0, 1.0, 1.0, 0.0), "scribbles": (0.1, 1.0, 0.5, 0.0)},
+    "code": {"tags": (0.1, 0.3, 0.3, 0.0), "boxes": (0.1, 0.3, 0.3, 0.0),
+             "points": (0.1, 0.1, 0.1, 0.0), "scribbles": (0.1, 1.0, 0.5, 0.0)},
+}
+# Concentrations (kappa_I, kappa_A, kappa_C, kappa_O); scribbles use kappa_C = 12.
+KAPPAS = {"tags": (16.0, 6.0, 8.0, 12.0), "boxes": (16.0, 6.0, 8.0, 12.0),
+          "points": (16.0, 6.0, 8.0, 12.0), "scribbles": (16.0, 6.0, 12.0, 12.0)}
+
+
+def default_config() -> mlc.ConfigDict:
+  """The `config.spml` block (reference values of METHODS.md §5.4 where CPU allows)."""
+  return mlc.ConfigDict(dict(
+      embedding_dim=64,
+      backbone_head=False,           # EfficientNet: ASPP-L on the 1280-ch head conv
+      aspp_rates=(6, 12, 18, 24),    # DeepLab-v2 ASPP-L at OS8; halve them at OS16
+      classifier_hidden=128,
+      classifier_dropout=0.75,
+      kmeans_grid=6,                 # 6x6 = 36 clusters per image
+      kmeans_iters=10,
+      max_segments=128,              # segment-table size per image (overflow is reported)
+      max_superpixels=1024,          # superpixel ids per image (larger ids are clipped)
+      memory_batches=2,              # prototypes of the previous 2 batches
+      pixels_per_image=0,            # anchors per image for the loss; 0 = every pixel
+      weights="paper",               # paper | code: lambda presets (LAMBDAS)
+      lambda_i=-1.0, lambda_a=-1.0, lambda_c=-1.0, lambda_o=-1.0,  # < 0: preset
+      kappa_i=-1.0, kappa_a=-1.0, kappa_c=-1.0, kappa_o=-1.0,      # < 0: preset
+      cls_weight=-1.0,               # classifier CE weight; < 0: = lambda_A (code)
+      # method: slic | felzenszwalb | none (no superpixels: relation I off).
+      superpixels=mlc.ConfigDict(dict(method="slic", n_segments=64, compactness=10.0,
+                                      sigma=1.0, fz_scale=100.0, fz_min_size=50)),
+  ))
+
+
+def loss_weights(config: Any) -> dict[str, float]:
+  """Resolved lambdas and kappas `{lambda_i, ..., kappa_o, cls_weight}` of a config."""
+  sc = config.spml
+  weak = config.data.get("weak_label", "tags")
+  if weak not in WEAK_LABELS:
+    raise ValueError(f"config.data.weak_label={weak!r}; expected one of {WEAK_LABELS}")
+  if sc.weights not in LAMBDAS:
+    raise ValueError(f"config.spml.weights={sc.weights!r}; expected one of {sorted(LAMBDAS)}")
+  out = {}
+  for i, rel in enumerate("iaco"):
+    lam, kap = float(sc[f"lambda_{rel}"]), float(sc[f"kappa_{rel}"])
+    out[f"lambda_{rel}"] = lam if lam >= 0 else LAMBDAS[sc.weights][weak][i]
+    out[f"kappa_{rel}"] = kap if kap >= 0 else KAPPAS[weak][i]
+  cls = float(sc.cls_weight)
+  out["cls_weight"] = cls if cls >= 0 else out["lambda_a"]
+  return out
+
+
+class SPMLNet(nn.Module):
+  """Embedding network + softmax classifier on the detached embedding (module docstring).
+
+  Call: (images [B, H, W, 3], train) -> {'embedding': [B, h4, w4, D] unit norm,
+  'seg_logits': [B, h4, w4, C], 'cams': [B, h4, w4, C-1], 'logits': [B, C-1]} (float32;
+  h4 = the backbone's stride-4 size). With `train=True` it needs `rngs={'dropout': key}`.
+  """
+  backbone: nn.Module
+  num_classes: int
+  embedding_dim: int = 64
+  aspp_rates: Sequence[int] = (6, 12, 18, 24)
+  classifier_hidden: int = 128
+  classifier_dropout: float = 0.75
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    feats = self.backbone(images, train=train)
+    high, low = feats["out"], feats["stride4"]
+    emb = None
+    for i, r in enumerate(self.aspp_rates):  # ASPP-L: summed atrous branches, no norm
+      y = nn.Conv(self.embedding_dim, (3, 3), padding=((r, r), (r, r)),
+                  kernel_dilation=(r, r), dtype=self.dtype, name=f"embed_aspp{i}")(high)
+      emb = y if emb is None else emb + y
+    b, h, w = low.shape[:3]
+    emb = jax.image.resize(emb.astype(jnp.float32), (b, h, w, self.embedding_dim),
+                           "bilinear")
+    emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    # Classifier on the detached embedding: it never changes the metric space (§5.1).
+    x = nn.Conv(self.classifier_hidden, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                dtype=self.dtype, name="classifier_conv")(jax.lax.stop_gradient(emb))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, name="classifier_bn")(x)
+    x = nn.Dropout(self.classifier_dropout, deterministic=not train)(nn.relu(x))
+    seg_logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                         name="classifier_out")(x).astype(jnp.float32)
+    cams = seg_logits[..., 1:] - seg_logits[..., :1]
+    return {"embedding": emb, "seg_logits": seg_logits, "cams": cams,
+            "logits": jnp.mean(cams, axis=(1, 2))}
+
+
+def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None
+                ) -> SPMLNet:
+  """SPMLNet from `config.model` and `config.spml`."""
+  from wsss_jax import models  # Local import: tests pass their own backbone.
+  from wsss_jax.models import registry
+  if backbone is None:
+    # The 320-ch last block by default (as the registry's DeepLab): ASPP-L on EfficientNet's
+    # 1280-ch head conv costs more than the backbone itself on CPU (measured).
+    backbone = models.build_backbone(config.model,
+                                     include_head=bool(config.spml.get("backbone_head", False)))
+  sc = config.spml
+  return SPMLNet(backbone, num_classes, int(sc.embedding_dim),
+                 tuple(int(r) for r in sc.aspp_rates), int(sc.classifier_hidden),
+                 float(sc.classifier_dropout), registry.compute_dtype(config.model))
+
+
+def _global_image_index(ctx: base.StepContext, local_batch: int) -> jax.Array:
+  """[b] index of each local image in the global batch (device-major under shard_map)."""
+  idx = jnp.arange(local_batch, dtype=jnp.int32)
+  if ctx.axis_name is None:
+    return idx
+  return jax.lax.axis_index(ctx.axis_name).astype(jnp.int32) * local_batch + idx
+
+
+def _gather_replicated(ctx: base.StepContext, x: jax.Array) -> jax.Array:
+  """`ctx.all_gather` whose result is typed device-invariant (for state under shard_map).
+
+  Each device writes its rows into a zero array of the global size and the arrays are
+  summed: exact (x + 0) and, unlike `all_gather`, accepted by the shard_map step's
+  replicated `out_specs` (`check_vma`).
+  """
+  if ctx.axis_name is None:
+    return x
+  n, idx = jax.lax.axis_size(ctx.axis_name), jax.lax.axis_index(ctx.axis_name)
+  kind = x.dtype
+  x = x.astype(jnp.int32) if kind == jnp.bool_ else x
+  full = jnp.zeros((n * x.shape[0],) + x.shape[1:], x.dtype)
+  full = jax.lax.dynamic_update_slice_in_dim(full, x, idx * x.shape[0], axis=0)
+  return jax.lax.psum(full, ctx.axis_name).astype(kind)
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cluster_and_segment(emb: jax.Array, label: jax.Array, superpixel: jax.Array,
+                        valid: jax.Array, *, grid: int, iters: int, max_segments: int,
+                        num_labels: int, num_superpixels: int):
+  """k-means + segment table for one image (vmap over the batch).
+
+  Args:
+    emb: [h, w, D] unit embeddings; label, superpixel: [h, w] int; valid: [h, w] bool.
+
+  Returns:
+    (SegmentTable, v [N, D+2] location-augmented unit features, differentiable).
+  """
+  h, w, d = emb.shape
+  loc = seg_ops.location_features(h, w)
+  v = _normalize(jnp.concatenate([emb.reshape(-1, d), loc], axis=-1))
+  vs = jax.lax.stop_gradient(v)
+  mask = valid.reshape(-1)
+  k = grid * grid
+  init, _ = kmeans_ops.centers_from_assign(
+      vs, mask, kmeans_ops.grid_init_assign(h, w, grid, grid), k, spherical=True)
+  res = kmeans_ops.kmeans(vs, mask, init, num_iters=iters, spherical=True,
+                          center_mask=None)
+  table = seg_ops.segment_table(res.assign, label.reshape(-1), superpixel.reshape(-1), mask,
+                                max_segments=max_segments, num_labels=num_labels,
+                                num_superpixels=num_superpixels)
+  return table, v
+
+
+def make_spml_method(config: Any, num_classes: int, *, model: nn.Module | None = None
+                     ) -> base.Method:
+  """SPML as a `Method` (module docstring). `model` overrides the network (tests)."""
+  sc = config.spml
+  w = loss_weights(config)
+  load_pretrained = None
+  if model is None:
+    from wsss_jax import models
+    model = build_model(config, num_classes)
+    if config.model.get("pretrained", False):
+      load_pretrained = lambda variables: models.load_pretrained(config.model, variables)
+  c = num_classes                     # labels < C are classes, C is "unlabeled"
+  s_max = int(sc.max_segments)
+  grid, iters = int(sc.kmeans_grid), int(sc.kmeans_iters)
+  n_sp = int(sc.max_superpixels)
+  n_mem = int(sc.memory_batches)
+  n_anchor = int(sc.pixels_per_image)
+  global_batch = int(config.data.batch_size)
+  dim = int(sc.embedding_dim)
+  seed = int(config.get("seed", 0))
+  if n_mem < 0 or s_max < 1 or grid < 1 or n_anchor < 0:
+    raise ValueError("config.spml: memory_batches, pixels_per_image must be >= 0 and "
+                     "max_segments, kmeans_grid >= 1")
+
+  def init_extra(rng, variables):
+    del rng, variables
+    if n_mem == 0:
+      return {}
+    p = global_batch * s_max
+    return {"memory": {"features": jnp.zeros((n_mem, p, dim), jnp.float32),
+                       "labels": jnp.zeros((n_mem, p), jnp.int32),
+                       "tags": jnp.zeros((n_mem, p, num_classes - 1), jnp.float32),
+                       "valid": jnp.zeros((n_mem, p), bool)}}
+
+  def loss(params, batch_stats, extra, batch, rng, step, ctx: base.StepContext):
+    out, new_bs = ctx.apply(params, batch_stats, batch["image"], rngs={"dropout": rng})
+    emb = out["embedding"]
+    b, h, wd, _ = emb.shape
+    mask = resize.resize_nearest(batch["mask"], (h, wd))
+    valid = mask != IGNORE
+    label = jnp.where(valid, jnp.minimum(mask, c), 0)
+    has_sp = "superpixels" in batch
+    if not has_sp and w["lambda_i"] > 0 and sc.superpixels.method != "none":
+      raise ValueError("SPML relation I needs batch['superpixels'] (config.data.extra_maps="
+                       "('superpixels',) and the train stage's SPML source), or set "
+                       "config.spml.superpixels.method='none' / config.spml.lambda_i=0")
+    sp = (resize.resize_nearest(batch["superpixels"], (h, wd)) if has_sp
+          else jnp.zeros_like(mask))
+    table, v = jax.vmap(lambda e, l, s, m: cluster_and_segment(
+        e, l, s, m, grid=grid, iters=iters, max_segments=s_max, num_labels=c + 1,
+        num_superpixels=n_sp))(emb, label, sp, valid)
+    n = h * wd
+    flat_emb = emb.reshape(b, n, -1)
+    protos = jax.vmap(lambda f, i: seg_ops.segment_means(f, i, s_max))(flat_emb, table.ids)
+    image = _global_image_index(ctx, b)
+    tags = (batch["labels"] > 0.5).astype(jnp.float32)
+
+    # Anchors: every pixel, or `pixels_per_image` drawn among the valid ones. The key
+    # depends on (seed, step, global image index) only, so jit and shard_map draw alike.
+    flat_valid = valid.reshape(b, n)
+    if n_anchor:
+      def draw(img, m):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), img)
+        idx, ok = contrastive.masked_categorical(key, m, n_anchor)
+        return idx, ok & m[idx]
+      a_idx, a_ok = jax.vmap(draw)(image, flat_valid)
+    else:
+      a_idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+      a_ok = flat_valid
+    take = lambda x: jnp.take_along_axis(x, a_idx.reshape(a_idx.shape + (1,) * (x.ndim - 2)),
+                                         axis=1)
+    a_seg = take(table.ids)                                   # [b, A] local segment id
+    a_label = take(label.reshape(b, n))
+    a_sp = take(sp.reshape(b, n).astype(jnp.int32))
+    na = a_idx.shape[1]
+    metrics = {}
+    total = jnp.zeros((), jnp.float32)
+
+    def add(name, lam, s, cnt):
+      nonlocal total
+      s, cnt = ctx.psum(s), ctx.psum(cnt)
+      value = s / jnp.maximum(cnt, 1.0)  # global mean over the eligible anchors
+      metrics[f"loss_{name}"] = value
+      total = total + lam * value
+
+    # Relation I: same image, same / other superpixel, location-augmented features.
+    if has_sp and w["lambda_i"] > 0:
+      protos_loc = jax.vmap(lambda f, i: seg_ops.segment_means(f, i, s_max))(v, table.ids)
+
+      def per_image(av, aseg, asp, aok, pv, psp, pval):
+        zeros = jnp.zeros_like(aseg)
+        anchors = vmf_loss.Anchors(zeros, zeros, asp, aseg, jnp.zeros((na, 1)), aok)
+        prot = vmf_loss.Prototypes(jnp.zeros((s_max,), jnp.int32),
+                                   jnp.zeros((s_max,), jnp.int32), psp,
+                                   jnp.zeros((s_max, 1)), pval)
+        return vmf_loss.relation_loss("lowlevel", av, pv, anchors, prot,
+                                      kappa=w["kappa_i"], num_labeled=c)
+      s_i, n_i = jax.vmap(per_image)(take(v), a_seg, a_sp, a_ok & (a_seg >= 0), protos_loc,
+                                     table.superpixel, table.valid)
+      add("i", w["lambda_i"], jnp.sum(s_i), jnp.sum(n_i))
+
+    # Relations A, C, O: every prototype of the global batch, then the memory.
+    local = {"features": protos.reshape(b * s_max, -1), "labels": table.label.reshape(-1),
+             "tags": jnp.repeat(tags, s_max, axis=0), "valid": table.valid.reshape(-1)}
+    g = ctx.all_gather({**local, "image": jnp.repeat(image, s_max)})
+    p_feat, p_lab, p_tags, p_val, p_img = (g["features"], g["labels"], g["tags"],
+                                           g["valid"], g["image"])
+    if n_mem:
+      mem = extra["memory"]
+      p_feat = jnp.concatenate([p_feat, mem["features"].reshape(-1, dim)])
+      p_lab = jnp.concatenate([p_lab, mem["labels"].reshape(-1)])
+      p_tags = jnp.concatenate([p_tags, mem["tags"].reshape(-1, num_classes - 1)])
+      p_val = jnp.concatenate([p_val, mem["valid"].reshape(-1)])
+      p_img = jnp.concatenate([p_img, jnp.full((mem["valid"].size,), -1, jnp.int32)])
+    own = jnp.where(a_seg >= 0, image[:, None] * s_max + a_seg, -1).reshape(-1)
+    anchors = vmf_loss.Anchors(jnp.repeat(image, na), a_label.reshape(-1),
+                               a_sp.reshape(-1), own, jnp.repeat(tags, na, axis=0),
+                               (a_ok & (a_seg >= 0)).reshape(-1))
+    prot = vmf_loss.Prototypes(p_img, p_lab, jnp.zeros_like(p_lab), p_tags, p_val)
+    a_feat = take(flat_emb).reshape(b * na, -1)
+    if w["lambda_a"] > 0:
+      add("a", w["lambda_a"], *vmf_loss.relation_loss(
+          "annotation", a_feat, p_feat, anchors, prot, kappa=w["kappa_a"], num_labeled=c))
+    if w["lambda_c"] > 0:
+      add("c", w["lambda_c"], *vmf_loss.relation_loss(
+          "cooccurrence", a_feat, p_feat, anchors, prot, kappa=w["kappa_c"],
+          num_labeled=c))
+    if w["lambda_o"] > 0:
+      new_lab = vmf_loss.propagate_labels(jax.lax.stop_gradient(p_feat), p_lab, p_val, c)
+      a_lab_o = jnp.where(own >= 0, new_lab[jnp.maximum(own, 0)], c)
+      add("o", w["lambda_o"], *vmf_loss.relation_loss(
+          "affinity", a_feat, p_feat, anchors._replace(label=a_lab_o),
+          prot._replace(label=new_lab), kappa=w["kappa_o"], num_labeled=c))
+
+    # Softmax classifier on the detached embedding, labelled pixels only.
+    crop = batch["mask"].shape[1:3]
+    logits = resize.resize_bilinear(out["seg_logits"], crop)
+    ce_labels = jnp.where(batch["mask"] < c, batch["mask"], IGNORE)
+    ce_sum, ce_cnt = seg_method.pixel_cross_entropy(logits, ce_labels)
+    add("cls", w["cls_weight"], ce_sum, ce_cnt)
+
+    pred = jnp.argmax(logits, axis=-1)
+    correct = jnp.sum((pred == ce_labels) & (ce_labels != IGNORE)).astype(jnp.float32)
+    num_valid = jnp.sum(valid).astype(jnp.float32)
+    metrics.update({
+        "cls_pixel_accuracy": (correct, ce_cnt),
+        "segments_per_image": jnp.mean(jnp.sum(table.valid, axis=-1).astype(jnp.float32)),
+        "segment_overflow": (jnp.sum(table.overflow).astype(jnp.float32), num_valid),
+        "unlabeled_fraction": (jnp.sum(valid & (label == c)).astype(jnp.float32), num_valid),
+    })
+    aux = jax.tree.map(jax.lax.stop_gradient, local) if n_mem else None
+    return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=aux)
+
+  def update_extra(extra, params, batch_stats, extra_aux, step, ctx):
+    del params, batch_stats, step
+    if not n_mem:
+      return extra
+    mem = extra["memory"]
+    cur = {k: _gather_replicated(ctx, v) for k, v in extra_aux.items()}
+    # Roll: slot 0 is the batch just seen, slot m the one m batches before it.
+    return {"memory": {k: jnp.concatenate([cur[k][None].astype(mem[k].dtype),
+                                           mem[k][:-1]]) for k in mem}}
+
+  return base.Method(name="spml", model=model, loss=loss, init_extra=init_extra,
+                     update_extra=update_extra, load_pretrained=load_pretrained)
