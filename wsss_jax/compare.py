@@ -107,12 +107,13 @@ def collect(directory: str) -> dict[str, Any]:
 
 def run_seeds(config, seeds: list[int], workdir: str) -> dict[str, Any]:
   from wsss_jax.stages import runner  # pylint: disable=import-outside-toplevel
-  results = []
   for seed in seeds:
     c = type(config)(config.to_dict())
     c.seed = seed
-    results.append(runner.run_stages(c, os.path.join(workdir, f"seed{seed}")))
-  summary = summarize(results, seeds)
+    runner.run_stages(c, os.path.join(workdir, f"seed{seed}"))
+  # Every finished seed in the directory, also those of earlier invocations (adding seeds
+  # later extends the summary instead of replacing it).
+  summary = collect(workdir)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
