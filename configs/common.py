@@ -181,6 +181,23 @@ def is_runlocal(arg: str | None) -> bool:
   return "runlocal" in [a.partition("=")[0] for a in (arg or "").split(",")]
 
 
+def coco_method_config(config_file: str, voc_file: str, arg: str | None
+                       ) -> tuple[mlc.ConfigDict, bool]:
+  """A method's VOC config (`voc_file`, relative to `config_file`) moved to COCO.
+
+  `:runlocal` keeps the VOC runlocal train steps (a method's CPU-sized split of baseline
+  and method steps); full size takes `use_coco`'s schedule, which method files then
+  adjust. Returns `(config, runlocal)`.
+  """
+  c = load_config(config_file, voc_file, arg)
+  runlocal = is_runlocal(arg)
+  steps = int(c.train.num_steps)
+  use_coco(c, runlocal)
+  if runlocal:
+    c.train.num_steps = steps
+  return c, runlocal
+
+
 def use_coco(c: mlc.ConfigDict, runlocal: bool) -> mlc.ConfigDict:
   """Turns a VOC config into its COCO 2014 counterpart (configs/coco/*.py).
 

@@ -14,7 +14,6 @@ sys.path.insert(0, _CONFIGS)
 import common  # noqa: E402
 
 
-
 def get_config(arg: str | None = None):
   c = common.load_config(__file__, "../voc/cam.py", arg)  # same args: runlocal, backbone
   return common.use_coco(c, common.is_runlocal(arg))

@@ -13,12 +13,5 @@ sys.path.insert(0, _CONFIGS)
 import common  # noqa: E402
 
 
-
 def get_config(arg: str | None = None):
-  c = common.load_config(__file__, "../voc/dscnet.py", arg)
-  runlocal = common.is_runlocal(arg)
-  steps = int(c.train.num_steps)
-  common.use_coco(c, runlocal)
-  if runlocal:
-    c.train.num_steps = steps
-  return c
+  return common.coco_method_config(__file__, "../voc/dscnet.py", arg)[0]

@@ -13,14 +13,9 @@ sys.path.insert(0, _CONFIGS)
 import common  # noqa: E402
 
 
-
 def get_config(arg: str | None = None):
-  c = common.load_config(__file__, "../voc/fbr.py", arg)
-  runlocal = common.is_runlocal(arg)
-  steps = int(c.train.num_steps)
-  common.use_coco(c, runlocal)
+  c, runlocal = common.coco_method_config(__file__, "../voc/fbr.py", arg)
   if runlocal:
-    c.train.num_steps = steps
     return c
   c.fbr.bank_size = 200000
   return c

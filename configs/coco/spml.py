@@ -14,15 +14,11 @@ sys.path.insert(0, _CONFIGS)
 import common  # noqa: E402
 
 
-
 def get_config(arg: str | None = None):
-  c = common.load_config(__file__, "../voc/spml.py", arg)
-  runlocal = common.is_runlocal(arg)
-  steps = int(c.train.num_steps)
-  common.use_coco(c, runlocal)
+  c, runlocal = common.coco_method_config(__file__, "../voc/spml.py", arg)
   if runlocal:
-    c.train.num_steps = steps
     return c
   c.baseline.num_steps = 5 * common.COCO_TRAIN_IMAGES // 16
-  c.train.num_steps = steps
+  # SPML's own stage keeps its VOC length (no COCO setting exists for SPML).
+  c.train.num_steps = int(common.load_config(__file__, "../voc/spml.py", arg).train.num_steps)
   return c

@@ -16,8 +16,6 @@ import common  # noqa: E402
 from wsss_jax.methods import fbr  # noqa: E402
 
 
-
-
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, backbone="efficientnet_lite0",
                          code_compat=False, tap=False)

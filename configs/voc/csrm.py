@@ -23,8 +23,6 @@ import common  # noqa: E402
 from wsss_jax.methods import csrm  # noqa: E402
 
 
-
-
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, backbone="", crf=-1, seg_cams=False)
   cam_arg = ",".join(filter(None, [f"backbone={arg.backbone}" if arg.backbone else "",

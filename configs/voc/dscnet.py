@@ -25,8 +25,6 @@ import ml_collections as mlc  # noqa: E402
 from wsss_jax.methods import dscnet  # noqa: E402
 
 
-
-
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, backbone="", variant="full",
                          pgcl_mode="group", pixel_samples=0)

@@ -20,8 +20,6 @@ import common  # noqa: E402
 from wsss_jax.methods import fbr  # noqa: E402
 
 
-
-
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, backbone="", code_compat=False, tap=False)
   cam_arg = ",".join(filter(None, [f"backbone={arg.backbone}" if arg.backbone else "",

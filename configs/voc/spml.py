@@ -30,8 +30,6 @@ TAG_STAGES = "data,baseline,cams,sweep,pseudo,train,spml_labels,seg,evaluate"
 WEAK_STAGES = "data,train,spml_labels,seg,evaluate"
 
 
-
-
 def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
                spml_steps: int):
   """Turns a CAM config into the SPML pipeline (shared by the synthetic config)."""
