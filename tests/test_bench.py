@@ -72,3 +72,26 @@ def test_torch_baseline_is_the_same_architecture_and_runs():
   assert tuple(cams.shape) == (1, 20, 4, 4) and tuple(logits.shape) == (1, 20)  # OS16
   rec = torch_baseline.measure_train_step(2, 32, 21, steps=1, warmup=1)
   assert rec["finite"] and rec["time_median_s"] > 0
+
+
+def test_breakdown_phases_and_attribution():
+  from wsss_jax.bench import breakdown
+  c = tiny_config()
+  c.model.backbone = "efficientnet_lite0"
+  c.data.crop_size, c.data.batch_size = 32, 2
+  recs = breakdown.measure_breakdown(c, 5, steps=1, warmup=1)
+  assert [r["phase"] for r in recs] == list(breakdown.PHASES)
+  assert all(r["framework"] == "jax" and r["time_median_s"] > 0 for r in recs)
+  # The loss phase differentiates the same CAM loss the full step minimises.
+  assert recs[-1]["finite"]
+  # Attribution is the difference of consecutive phases (hand-made times).
+  fake = [{"framework": fw, "phase": p, "time_median_s": t}
+          for fw, ts in (("jax", (1.0, 1.5, 4.0, 4.25)), ("torch", (2.0, 2.5, 5.0, 6.0)))
+          for p, t in zip(breakdown.PHASES, ts)]
+  parts = breakdown.attribute(fake)
+  assert parts["jax"] == {"forward": 1.0, "batchnorm_stats": 0.5, "backward": 2.5,
+                          "update": 0.25, "step": 4.25}
+  assert parts["torch"]["update"] == 1.0
+  table = breakdown.format_attribution(fake)
+  assert "jax/torch" in table and "0.25" in table.splitlines()[4]  # update: 0.25 / 1.0
+  assert breakdown.attribute(fake[3:]) == {"torch": parts["torch"]}  # jax incomplete

@@ -342,3 +342,20 @@ def test_csrm_net_warm_start_tree_matches_cam_net():
 def test_bad_config_value_names_key():
   with pytest.raises(ValueError, match="config.csrm.teacher_pass2"):
     csrm.make_csrm_method(_cfg(teacher_pass2="bogus"), C, model=_tiny_model())
+
+
+def test_export_teacher_or_student():
+  # After warm-up the EMA teacher lags the student; the later stages get the teacher
+  # (the reference infers with it), or the student with export='student'.
+  batches = make_batches(3, batch=8, size=32)
+  cfg = _cfg(steps_per_epoch=1, warmup_epochs=0, classmix_prob=0.0)
+  method = csrm.make_csrm_method(cfg, C, model=_tiny_model())
+  state, _ = run_steps(method, cfg, 1, "jit", batches)
+  teacher = method.export_variables(state.params, state.batch_stats, state.extra)
+  assert max_abs_diff(teacher["params"], state.extra["teacher"]["params"]) == 0
+  assert max_abs_diff(teacher["params"], state.params) > 1e-6
+  student = csrm.make_csrm_method(_cfg(export="student"), C, model=_tiny_model())
+  got = student.export_variables(state.params, state.batch_stats, state.extra)
+  assert max_abs_diff(got["params"], state.params) == 0
+  with pytest.raises(ValueError, match="config.csrm.export"):
+    csrm.make_csrm_method(_cfg(export="ema"), C, model=_tiny_model())

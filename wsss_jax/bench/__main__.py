@@ -13,12 +13,16 @@ keys `model.backbone`, `data.batch_size`, `data.crop_size`, `model.dtype`,
 config (its own config blocks must be present, so prefer that method's config file).
 What: `train` (config.method's train step), `baseline` (the CAM step with the same
 config), `seg` (the segmentation step), `cams` (multi-scale CAM inference), `kernels`,
-`torch` (the PyTorch eager ResNet-50 CAM step at the same batch/crop; `.[torch-bench]`):
+`torch` (the PyTorch eager ResNet-50 CAM step at the same batch/crop; `.[torch-bench]`),
+`breakdown` (the CAM step cut into forward / BatchNorm / backward / update, JAX and, where
+torch is installed, PyTorch; `bench/breakdown.py`):
 
   python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=224 --what=train,torch
+  python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=224 --what=breakdown
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -32,7 +36,8 @@ _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO_CONFIGS, "synthetic", "cam.py"),
     "Config file, `path.py` or `path.py:arg`.", lock_config=False)
-_WHAT = flags.DEFINE_list("what", ["train"], "train, baseline, seg, cams, kernels, torch")
+_WHAT = flags.DEFINE_list("what", ["train"],
+                          "train, baseline, seg, cams, kernels, torch, breakdown")
 _METHOD = flags.DEFINE_string("method", None, "Override config.method for `train`.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
@@ -94,6 +99,17 @@ def main(argv) -> None:
         emit({**torch_baseline.measure_train_step(
             int(config.data.batch_size), int(config.data.crop_size), c,
             output_stride=int(config.model.output_stride), **kw), "sweep": point})
+      elif what == "breakdown":
+        from wsss_jax.bench import breakdown  # pylint: disable=import-outside-toplevel
+        parts = breakdown.measure_breakdown(config, c, **kw)
+        if importlib.util.find_spec("torch") is not None:
+          from wsss_jax.bench import torch_baseline  # pylint: disable=import-outside-toplevel
+          parts += torch_baseline.measure_breakdown(
+              int(config.data.batch_size), int(config.data.crop_size), c,
+              output_stride=int(config.model.output_stride), **kw)
+        for record in parts:
+          emit({**record, "sweep": point})
+        print(breakdown.format_attribution(parts))
       elif what == "kernels":
         for record in kernels.run_all(repeats=_REPEATS.value):
           emit(record)

@@ -37,10 +37,18 @@ def sweep_points(sweeps: list[str]) -> list[dict[str, str]]:
 
 def format_table(records: list[dict]) -> str:
   """Aligned text table of the step/inference records (kernel records are left out)."""
-  rows = [[_fmt(r.get(c)) for c in TABLE_COLUMNS] for r in records if "kernel" not in r]
+  rows = [[_fmt(_label(r) if c == "kind" else r.get(c)) for c in TABLE_COLUMNS]
+          for r in records if "kernel" not in r]
   rows = [list(TABLE_COLUMNS)] + rows
   widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
   return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+def _label(record: dict) -> str:
+  """`kind`, or `breakdown:<framework>:<phase>` for the phases of `bench/breakdown.py`."""
+  if "phase" in record:
+    return f"{record['kind']}:{record.get('framework', '?')}:{record['phase']}"
+  return str(record.get("kind"))
 
 
 def _fmt(v) -> str:

@@ -109,11 +109,9 @@ def make_resnet50_cam(num_fg: int, output_stride: int = 16):
   return CAMNet()
 
 
-def measure_train_step(batch: int, crop: int, num_classes: int, *, steps: int = 10,
-                       warmup: int = 2, repeats: int = 1, channels_last: bool = True,
-                       output_stride: int = 16, lr: float = 0.01, threads: int = 0
-                       ) -> dict[str, Any]:
-  """Times the eager PyTorch CAM step (forward, loss, backward, SGD) on random data."""
+def _setup(batch: int, crop: int, num_classes: int, channels_last: bool,
+           output_stride: int, lr: float, threads: int) -> dict[str, Any]:
+  """Model, optimizer, loss, random batch and a device sync for the eager CAM step."""
   torch = _torch()
   if threads > 0:
     torch.set_num_threads(threads)
@@ -122,39 +120,100 @@ def measure_train_step(batch: int, crop: int, num_classes: int, *, steps: int = 
   model = make_resnet50_cam(num_classes - 1, output_stride).to(device).train()
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   model = model.to(memory_format=fmt)
-  opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-  loss_fn = torch.nn.MultiLabelSoftMarginLoss()
   rng = np.random.default_rng(0)
   images = torch.from_numpy(rng.normal(size=(batch, 3, crop, crop)).astype(np.float32))
-  images = images.to(device).contiguous(memory_format=fmt)
   labels = torch.from_numpy((rng.random((batch, num_classes - 1)) < 0.15).astype(np.float32))
-  labels = labels.to(device)
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  return {"torch": torch, "device": device, "model": model,
+          "opt": torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4),
+          "loss_fn": torch.nn.MultiLabelSoftMarginLoss(),
+          "images": images.to(device).contiguous(memory_format=fmt),
+          "labels": labels.to(device),
+          "sync": torch.cuda.synchronize if device == "cuda" else (lambda: None)}
 
-  def step():
-    opt.zero_grad(set_to_none=True)
-    logits, _ = model(images)
-    loss = loss_fn(logits, labels)
-    loss.backward()
-    opt.step()
-    return loss
 
+def _time(fn, sync, *, warmup: int, steps: int, repeats: int) -> dict[str, float]:
+  """Seconds per call of the eager `fn` (synchronised), after `warmup` calls."""
   for _ in range(warmup):
-    step()
+    fn()
   sync()
   samples = []
   for _ in range(max(1, repeats) * steps):
     t = time.perf_counter()
-    loss = step()
+    fn()
     sync()
     samples.append(time.perf_counter() - t)
   s = np.asarray(samples)
-  med = float(np.median(s))
-  return {"kind": "torch_eager_train_step", "method": "cam", "backbone": "resnet50",
-          "batch": batch, "crop": crop, "dtype": "float32", "devices": 1,
-          "output_stride": output_stride, "channels_last": channels_last,
-          "time_median_s": med, "time_min_s": float(s.min()),
-          "time_p10_s": float(np.percentile(s, 10)), "time_p90_s": float(np.percentile(s, 90)),
-          "img/s": batch / med, "img/s/device": batch / med, "torch": torch.__version__,
-          "torch_threads": torch.get_num_threads(), "platform": device,
-          "loss": float(loss.detach()), "finite": bool(np.isfinite(float(loss.detach())))}
+  return {"time_median_s": float(np.median(s)), "time_min_s": float(s.min()),
+          "time_p10_s": float(np.percentile(s, 10)),
+          "time_p90_s": float(np.percentile(s, 90))}
+
+
+def _describe(t: dict[str, Any], batch: int, crop: int, output_stride: int,
+              channels_last: bool) -> dict[str, Any]:
+  torch = t["torch"]
+  return {"method": "cam", "backbone": "resnet50", "batch": batch, "crop": crop,
+          "dtype": "float32", "devices": 1, "output_stride": output_stride,
+          "channels_last": channels_last, "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads(), "platform": t["device"]}
+
+
+def measure_train_step(batch: int, crop: int, num_classes: int, *, steps: int = 10,
+                       warmup: int = 2, repeats: int = 1, channels_last: bool = True,
+                       output_stride: int = 16, lr: float = 0.01, threads: int = 0
+                       ) -> dict[str, Any]:
+  """Times the eager PyTorch CAM step (forward, loss, backward, SGD) on random data."""
+  t = _setup(batch, crop, num_classes, channels_last, output_stride, lr, threads)
+  model, opt, loss_fn = t["model"], t["opt"], t["loss_fn"]
+  losses = []
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    logits, _ = model(t["images"])
+    loss = loss_fn(logits, t["labels"])
+    loss.backward()
+    opt.step()
+    losses.append(loss)
+
+  times = _time(step, t["sync"], warmup=warmup, steps=steps, repeats=repeats)
+  loss = float(losses[-1].detach())
+  return {"kind": "torch_eager_train_step",
+          **_describe(t, batch, crop, output_stride, channels_last), **times,
+          "img/s": batch / times["time_median_s"],
+          "img/s/device": batch / times["time_median_s"],
+          "loss": loss, "finite": bool(np.isfinite(loss))}
+
+
+def measure_breakdown(batch: int, crop: int, num_classes: int, *, steps: int = 5,
+                      warmup: int = 1, repeats: int = 1, channels_last: bool = True,
+                      output_stride: int = 16, lr: float = 0.01, threads: int = 0
+                      ) -> list[dict[str, Any]]:
+  """The eager step cut into the phases of `bench/breakdown.py` (forward in eval and train
+  mode without autograd, forward + backward, the full step)."""
+  t = _setup(batch, crop, num_classes, channels_last, output_stride, lr, threads)
+  torch, model, opt, loss_fn = t["torch"], t["model"], t["opt"], t["loss_fn"]
+
+  def fwd(train: bool):
+    def fn():
+      model.train(train)
+      with torch.no_grad():
+        model(t["images"])
+    return fn
+
+  def fwd_bwd():
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model(t["images"])[0], t["labels"]).backward()
+
+  def step():
+    fwd_bwd()
+    opt.step()
+
+  records = []
+  for phase, fn in (("fwd_eval", fwd(False)), ("fwd_train", fwd(True)),
+                    ("fwd_bwd", fwd_bwd), ("step", step)):
+    times = _time(fn, t["sync"], warmup=warmup, steps=steps, repeats=repeats)
+    records.append({"kind": "breakdown", "phase": phase, "framework": "torch",
+                    **_describe(t, batch, crop, output_stride, channels_last), **times,
+                    "img/s/device": batch / times["time_median_s"]})
+  model.train()
+  return records

@@ -33,6 +33,10 @@ Signatures (`P` = params pytree, `S` = batch_stats pytree, `E` = extra pytree)::
       Runs after the optimizer update, on the *new* params and batch_stats (the mean-teacher
       convention: the teacher tracks the updated student). Identity for CAM.
 
+  export_variables(params, batch_stats, extra) -> {'params': P, 'batch_stats': S}
+      The variables the later stages (CAMs, classification mAP) use once training ends:
+      the student by default; CSRM's reference exports its EMA teacher.
+
 Why a context argument instead of `model` inside the closures: under shard_map the BatchNorm
 layers must reduce over the `data` axis (SyncBN), which needs a model clone with
 `bn_axis_name='data'` (or, for models without that field, the step's BatchNorm
@@ -120,6 +124,11 @@ def _identity_update(extra, params, batch_stats, extra_aux, step, ctx):
   return extra
 
 
+def _export_student(params: PyTree, batch_stats: PyTree, extra: PyTree) -> dict[str, PyTree]:
+  del extra
+  return {"params": params, "batch_stats": batch_stats}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A WSSS method: model + extra state + pure loss + extra-state update.
@@ -138,6 +147,7 @@ class Method:
       state are built from it. Default: none.
     init_variables: `(rng, images) -> variables`; default `model.init(rng, images,
       train=False)`. `images` is a small float32 NHWC array.
+    export_variables: see the module docstring. Default: the student.
   """
   name: str
   model: nn.Module
@@ -146,6 +156,7 @@ class Method:
   update_extra: Callable[..., PyTree] = _identity_update
   load_pretrained: Callable[[PyTree], PyTree] | None = None
   init_variables: Callable[[jax.Array, jax.Array], PyTree] | None = None
+  export_variables: Callable[[PyTree, PyTree, PyTree], dict[str, PyTree]] = _export_student
 
   def init(self, rng: jax.Array, images: jax.Array) -> dict[str, PyTree]:
     """Randomly initialised model variables `{'params', 'batch_stats'}` (jittable)."""

@@ -34,6 +34,9 @@ Reference discrepancies (METHODS.md §2.8) as `config.csrm` flags, reference val
   5 contrast normaliser: `contrast_norm` = 'valid' (all classes with low pixels) | 'used'.
   8 device placement: everything is on device here (the reference's CPU queue is a speed
     artefact, not a behaviour).
+The exported model (`export` = 'teacher' | 'student'): the reference validates, checkpoints
+and infers with the EMA teacher after warm-up (§2.1; during warm-up the teacher equals the
+student), so the CAM, sweep and pseudo stages use the teacher by default.
 """
 from __future__ import annotations
 
@@ -54,11 +57,12 @@ from wsss_jax.ops.contrastive import masked_categorical
 UNLABELED = ("split", "duplicate")
 TEACHER_PASS2 = ("train", "eval", "none")
 CONTRAST_NORM = ("valid", "used")
+EXPORT = ("teacher", "student")
 
 
 def _check(cfg: Any) -> None:
   for key, allowed in (("unlabeled", UNLABELED), ("teacher_pass2", TEACHER_PASS2),
-                       ("contrast_norm", CONTRAST_NORM)):
+                       ("contrast_norm", CONTRAST_NORM), ("export", EXPORT)):
     if cfg[key] not in allowed:
       raise ValueError(f"config.csrm.{key}={cfg[key]!r}; expected one of {allowed}")
   for key in ("steps_per_epoch", "num_queries", "num_negatives", "bank_size_fg",
@@ -302,8 +306,14 @@ def make_csrm_method(config: Any, num_classes: int, *,
     return {**extra, "teacher": teacher, "bank_bg": extra_aux["bank_bg"],
             "bank_fg": extra_aux["bank_fg"]}
 
+  def export_variables(params, batch_stats, extra):
+    if cfg.export == "teacher":
+      return dict(extra["teacher"])
+    return {"params": params, "batch_stats": batch_stats}
+
   return base.Method(name="csrm", model=model, loss=loss, init_extra=init_extra,
-                     update_extra=update_extra, load_pretrained=load_pretrained)
+                     update_extra=update_extra, load_pretrained=load_pretrained,
+                     export_variables=export_variables)
 
 
 def default_csrm_config() -> dict[str, Any]:
@@ -326,4 +336,5 @@ def default_csrm_config() -> dict[str, Any]:
       ema_max_decay=0.99,
       align_corners=True,         # CSRM/PNOC resize CAMs and logits with align_corners
       cams_from="class",          # pipeline CAMs: 'class' (reference) | 'seg'
+      export="teacher",           # variables of the later stages: 'teacher' (reference)
   )

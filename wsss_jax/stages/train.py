@@ -46,7 +46,8 @@ def train_method(config: mlc.ConfigDict, out_dir: str, method: Any, source: Any,
           lambda: pipeline.train_dataset(source, c.data, seed=c.seed, mesh=mesh), mesh,
           eval_fn=eval_fn if int(c.train.eval_every) > 0 else None),
       config, out_dir)
-  inference.save_variables(path, state.params, state.batch_stats)
+  exported = method.export_variables(state.params, state.batch_stats, state.extra)
+  inference.save_variables(path, exported["params"], exported["batch_stats"])
   return path
 
 
@@ -113,7 +114,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def periodic_eval(state, step):
     del step
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = method.export_variables(state.params, state.batch_stats, state.extra)
     return {"map": classification_map(config, logits_fn, variables, mesh)[0]}
 
   source = sources.get_source(config.data, config.data.train_split)
