@@ -309,3 +309,22 @@ def test_alternative_reconstruction_choices_train():
   for name in ("backbone", "cam_head", "refined_head", "bg_node"):
     g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[name])])
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
+
+
+@pytest.mark.parametrize("nodes_grad", [True, False])
+def test_class_nodes_gradient_switch(nodes_grad):
+  """With only SGCL in the loss, the CAM classifier (the class nodes) gets a gradient iff
+  `class_nodes_grad`; the learned background node and the backbone always do."""
+  cfg = _config(**{"variant": "sgcl_only", "reconstructed.baseline_cls_weight": 0.0,
+                   "reconstructed.class_nodes_grad": nodes_grad})
+  method = dscnet.make_dscnet_method(cfg, 5, backbone=TinyBackbone(8))
+  batch = make_batches(1, batch=4)[0]
+  v = method.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))
+  ctx = base.StepContext(model=method.model)
+  (value, aux), grads = jax.jit(jax.value_and_grad(
+      lambda p: method.loss(p, v["batch_stats"], {}, batch, jax.random.key(0),
+                            jnp.asarray(3), ctx), has_aux=True))(v["params"])
+  assert float(aux.metrics["loss_sgcl"]) > 0 and np.isfinite(float(value))
+  norm = lambda t: max(float(np.abs(x).max()) for x in jax.tree.leaves(t))
+  assert (norm(grads["cam_head"]) > 0) == nodes_grad
+  assert norm(grads["bg_node"]) > 0 and norm(grads["backbone"]) > 0

@@ -24,6 +24,8 @@ no code exists; each formula below is our reading of the prose (METHODS.md §4.2
 * SGCL (Eq. 8–9): class nodes = L2-normalised classifier weights w_c (C-1) plus a learned
   background node; S = softmax_c cos(g, w_c)/t; loss = InfoNCE of each group against its
   label's node, the other nodes negatives (= cross-entropy of S against the group label).
+  `reconstructed.class_nodes_grad=False` stops SGCL's gradient into the classifier weights
+  (the nodes then follow the classifier that L_cls alone trains).
 * DSCL fusion (Eq. 10–12): A = N(A^pix (+) A^sem), A^pix = row-softmax Pearson(F)/t,
   A^sem = q_j.q_k with q the class distribution S of a cell's group; F' = A F,
   F^ = [F, F'], refined CAMs M' = conv_cls'(F^) (`refined_head`).
@@ -86,6 +88,7 @@ class DSCNetR(nn.Module):
   kmeans_init: str = "kmeans++"
   extra_groups: int = 1
   sgcl_temperature: float = 0.1
+  class_nodes_grad: bool = True
   fusion_temperature: float = 0.1
   fusion_combine: str = "sum"
   ignore_zero_padding: bool = True
@@ -137,6 +140,8 @@ class DSCNetR(nn.Module):
 
     # Class nodes: the CAM classifier's weights (C-1 foreground) and a learned background.
     kernel = head.variables["params"]["classifier"]["kernel"].reshape(d, -1).T  # [C-1, D]
+    if not self.class_nodes_grad:  # SGCL then leaves the CAM classifier to L_cls alone
+      kernel = jax.lax.stop_gradient(kernel)
     bg = self.param("bg_node", nn.initializers.normal(1.0), (d,), jnp.float32)
     nodes = gc.l2_normalize(jnp.concatenate([bg[None], kernel.astype(jnp.float32)], 0))
     logits_kc = gc.class_logits(means, nodes, self.sgcl_temperature)  # [B, K, C]
@@ -180,6 +185,7 @@ def dscnet_config() -> dict[str, Any]:
           label_source="cam",           # Y from the plain CAMs (Eq. 9) | refined (Eq. 12)
           pgcl_temperature=0.1,
           sgcl_temperature=0.1,
+          class_nodes_grad=True,        # SGCL's gradient reaches the CAM classifier (nodes)
           fusion_temperature=0.1,       # A^pix = row-softmax(Pearson / t)
           fusion_combine="sum",         # sum | product
           baseline_cls_weight=1.0,      # L_cls on GAP(M), the baseline's own loss
@@ -270,6 +276,7 @@ def make_dscnet_method(config: Any, num_classes: int, *,
       use_fusion=use_fusion, cams_output=cams_output, kmeans_space=r.kmeans_space,
       kmeans_iters=int(r.kmeans_iters), kmeans_init=r.kmeans_init, extra_groups=int(r.extra_groups),
       sgcl_temperature=float(r.sgcl_temperature),
+      class_nodes_grad=bool(r.get("class_nodes_grad", True)),
       fusion_temperature=float(r.fusion_temperature), fusion_combine=r.fusion_combine,
       ignore_zero_padding=bool(r.ignore_zero_padding),
       pool=model_cfg.get("pool", "gap"), tap_threshold=float(model_cfg.get("tap_threshold", 0.1)),
