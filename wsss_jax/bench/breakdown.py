@@ -8,7 +8,7 @@ shapes (random weights and inputs: the work does not depend on them):
   fwd_eval   forward, BatchNorm with running statistics (inference): the convolutions
   fwd_train  forward, BatchNorm with batch statistics (what training runs)
   fwd_bwd    value_and_grad of the method's loss (forward + backward, no update)
-  step       the project's full train step (`train/step.py`: + optimizer, EMA-free)
+  step       the project's full train step (`train/step.py`: + optimizer update, metrics)
 
 Differences between consecutive phases attribute the time: fwd_train - fwd_eval is the
 cost of batch-statistic BatchNorm, fwd_bwd - fwd_train the backward pass, step - fwd_bwd
