@@ -292,19 +292,24 @@ def test_configs_mirror_cam_and_validate(path, base_path):
                               backbone=TinyBackbone(8))
 
 
+def _loss_and_grads(cfg):
+  """((loss, aux), grads) of one DSCNet-R loss call on a tiny batch at step 3."""
+  method = dscnet.make_dscnet_method(cfg, 5, backbone=TinyBackbone(8))
+  batch = make_batches(1, batch=4)[0]
+  v = method.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))
+  ctx = base.StepContext(model=method.model)
+  return jax.jit(jax.value_and_grad(
+      lambda p: method.loss(p, v["batch_stats"], {}, batch, jax.random.key(0),
+                            jnp.asarray(3), ctx), has_aux=True))(v["params"])
+
+
 def test_alternative_reconstruction_choices_train():
   """The non-default choices (refined labels, raw k-means, product fusion) give a finite
   loss and gradient for every parameter group."""
   cfg = _config(**{"reconstructed.label_source": "refined", "reconstructed.kmeans_space": "raw",
                    "reconstructed.fusion_combine": "product",
                    "reconstructed.pseudo_bg_threshold": 0.05})
-  method = dscnet.make_dscnet_method(cfg, 5, backbone=TinyBackbone(8))
-  batch = make_batches(1, batch=4)[0]
-  v = method.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))
-  ctx = base.StepContext(model=method.model)
-  (value, aux), grads = jax.jit(jax.value_and_grad(
-      lambda p: method.loss(p, v["batch_stats"], {}, batch, jax.random.key(0),
-                            jnp.asarray(3), ctx), has_aux=True))(v["params"])
+  (value, aux), grads = _loss_and_grads(cfg)
   assert np.isfinite(float(value)) and float(aux.metrics["loss_pgcl"]) > 0
   for name in ("backbone", "cam_head", "refined_head", "bg_node"):
     g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[name])])
@@ -317,13 +322,7 @@ def test_class_nodes_gradient_switch(nodes_grad):
   `class_nodes_grad`; the learned background node and the backbone always do."""
   cfg = _config(**{"variant": "sgcl_only", "reconstructed.baseline_cls_weight": 0.0,
                    "reconstructed.class_nodes_grad": nodes_grad})
-  method = dscnet.make_dscnet_method(cfg, 5, backbone=TinyBackbone(8))
-  batch = make_batches(1, batch=4)[0]
-  v = method.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))
-  ctx = base.StepContext(model=method.model)
-  (value, aux), grads = jax.jit(jax.value_and_grad(
-      lambda p: method.loss(p, v["batch_stats"], {}, batch, jax.random.key(0),
-                            jnp.asarray(3), ctx), has_aux=True))(v["params"])
+  (value, aux), grads = _loss_and_grads(cfg)
   assert float(aux.metrics["loss_sgcl"]) > 0 and np.isfinite(float(value))
   norm = lambda t: max(float(np.abs(x).max()) for x in jax.tree.leaves(t))
   assert (norm(grads["cam_head"]) > 0) == nodes_grad
