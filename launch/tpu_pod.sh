@@ -5,15 +5,17 @@
 #       copies this working tree to every worker (~/wsss_jax) and installs the package
 #       with TPU support and gcsfs in ~/wsss_jax/.venv
 #   launch/tpu_pod.sh run TPU_NAME ZONE [PROJECT] -- --config=configs/coco/cam.py \
-#       --config.data.root=/mnt/data/coco2014 --workdir=/mnt/shared/runs/coco_cam
+#       --config.data.root=/mnt/data/coco2014 --workdir=gs://BUCKET/runs/coco_cam
 #       runs `wsss --distributed=on ARGS` on all workers at once (jax.distributed finds
 #       the pod's coordinator through the TPU metadata server)
 #   launch/tpu_pod.sh aot TOPOLOGY -- --config=configs/coco/cam.py
 #       compile check for the slice before creating it (runs here, needs libtpu)
 #
-# The work directory must be visible to every worker (a Filestore/NFS mount or a gcsfuse
-# mount of a bucket): each worker writes its share of the CAMs and pseudo-labels there and
-# process 0 writes the summaries; `wsss` stops with a clear error when it is not shared.
+# The work directory must be visible to every worker: a gs:// bucket (written directly:
+# gcsfs for stage files, orbax/tensorstore for checkpoints; the workers' service account
+# needs write access) or a Filestore/NFS mount. Each worker writes its share of the CAMs
+# and pseudo-labels there and process 0 writes the summaries; `wsss` stops with a clear
+# error when it is not shared.
 # DRY_RUN=1 prints the gcloud commands instead of running them.
 set -euo pipefail
 

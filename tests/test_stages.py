@@ -1,7 +1,9 @@
 """The pipeline end to end through the real command line, on a tiny synthetic set.
 
 One module-scoped run in two processes: the first stops after `cams` (as a run killed
-between stages would), the second runs every stage and must reuse what exists.
+between stages would), the second runs every stage and must reuse what exists. The same
+two runs with `--workdir=gs://...` on a Cloud Storage server on localhost
+(`gcs_emulator.py`) must write the same results into the bucket.
 """
 import json
 import os
@@ -29,8 +31,8 @@ TINY = [
 NUM_CLASSES = 11
 
 
-def wsss(workdir, cache, *extra):
-  env = {**os.environ, "WSSS_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+def wsss(workdir, cache, *extra, env=None):
+  env = {**os.environ, **(env or {}), "WSSS_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop run
   proc = subprocess.run(
       [sys.executable, "-m", "wsss_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
@@ -47,7 +49,8 @@ def run(tmp_path_factory):
   variables = workdir / "train" / "final_variables.msgpack"
   first = {"variables_mtime": variables.stat().st_mtime_ns}
   proc = wsss(workdir, cache)
-  return {"workdir": workdir, "cache": cache, "first": first, "stdout": proc.stdout}
+  return {"workdir": workdir, "cache": cache, "first": first, "stdout": proc.stdout,
+          "results": _results(workdir)}
 
 
 def _results(workdir):
@@ -135,3 +138,78 @@ def test_seg_refuses_to_resume_from_other_pseudo_labels(run, tmp_path):
   with pytest.raises(ValueError, match="Delete"):
     seg_stage.check_inputs(str(w / "seg"), changed)
   seg_stage.check_inputs(str(w / "seg"), inputs)  # same inputs: resumes quietly
+
+
+HEADLINE = ("train_map", "cam_miou", "cam_threshold", "pseudo_miou", "seg_miou",
+            "cam_per_class_iou", "pseudo_per_class_iou", "seg_per_class_iou")
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory, run):
+  """`run`'s two invocations again with the work directory in a bucket (gs://bkt/run)."""
+  import gcs_emulator
+  from wsss_jax import fs
+  from wsss_jax.stages import inspect
+  store = tmp_path_factory.mktemp("gcs")
+  server, url = gcs_emulator.start(str(store))
+  env = gcs_emulator.client_env(url)
+  # What the server stores for an object: a plain file (for the untouched-object check).
+  blob = lambda *parts: store.joinpath(".cloudstorage", gcs_emulator.BUCKET, "run", *parts)
+  workdir = f"gs://{gcs_emulator.BUCKET}/run"
+  try:
+    wsss(workdir, run["cache"], "--config.stages=data,train,cams", env=env)
+    variables = blob("train", "final_variables.msgpack")
+    first_mtime = variables.stat().st_mtime_ns
+    wsss(workdir, run["cache"], env=env)
+    with pytest.MonkeyPatch.context() as mp:
+      for key, value in env.items():
+        mp.setenv(key, value)
+      w = inspect.open_workdir(workdir)
+      yield {"workdir": workdir, "blob": blob, "first_mtime": first_mtime, "fs": fs,
+             "results": w.json("results.json"), "open": w,
+             "train_log": w.metrics_log("train")}
+  finally:
+    server.stop()
+
+
+def test_bucket_workdir_gives_the_local_results(bucket, run):
+  for key in HEADLINE:
+    assert bucket["results"][key] == run["results"][key], key
+  image_id = "train_000003"
+  local = np.load(run["workdir"] / "cams" / "train" / f"{image_id}.npz")
+  remote = bucket["open"].cams("train", image_id)
+  for key in ("keys", "cam", "high_res"):
+    np.testing.assert_array_equal(remote[key], local[key].astype(remote[key].dtype))
+  np.testing.assert_array_equal(
+      bucket["open"].pseudo_label(image_id),
+      np.asarray(Image.open(run["workdir"] / "pseudo" / f"{image_id}.png")))
+
+
+def test_bucket_workdir_holds_every_output_and_resumes(bucket):
+  fs, w = bucket["fs"], bucket["workdir"]
+  names = fs.names_in(f"{w}/pseudo")
+  assert len([n for n in names if n.endswith(".png")]) == 16
+  assert len([n for n in fs.names_in(f"{w}/cams/train") if n.endswith(".npz")]) == 16
+  for step in ("1", "2"):  # orbax (tensorstore) wrote complete checkpoints
+    assert bucket["blob"]("train", "checkpoints", step, "commit_success.txt").exists()
+  assert [r["step"] for r in bucket["train_log"] if "eval/map" in r] == [2]
+  assert set(bucket["results"]["timings"]) == {"data", "train", "cams", "sweep", "pseudo",
+                                               "seg", "evaluate"}
+  # The second run took the trained weights from the bucket instead of retraining.
+  assert (bucket["blob"]("train", "final_variables.msgpack").stat().st_mtime_ns
+          == bucket["first_mtime"])
+
+
+def test_bucket_writes_are_whole_and_appends_keep_lines(bucket):
+  fs, path = bucket["fs"], bucket["workdir"] + "/scratch/log.txt"
+  fs.append_text(path, "one\n")
+  fs.append_text(path, "two\n")
+  assert fs.read_bytes(path) == b"one\ntwo\n"
+  with pytest.raises(RuntimeError):
+    with fs.atomic_path(path) as tmp:
+      with open(tmp, "w") as f:
+        f.write("half")
+      raise RuntimeError("killed while writing")
+  assert fs.read_bytes(path) == b"one\ntwo\n"  # the old object is intact
+  fs.rmtree(bucket["workdir"] + "/scratch")
+  assert not fs.exists(path)

@@ -14,7 +14,6 @@ from the seeds that have finished so far.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -23,6 +22,9 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
+
+from wsss_jax import fs
+from wsss_jax.stages import workdir as wd
 
 HEADLINE_KEYS = ("train_map", "baseline_map", "cam_miou", "cam_threshold", "pseudo_miou",
                  "spml_pseudo_miou", "spml_classifier_miou", "seg_miou", "seg_gt_miou")
@@ -92,11 +94,10 @@ def collect(directory: str) -> dict[str, Any]:
   """The summary of a `run_seeds` directory from the seeds whose runs are complete (the
   `evaluate` stage finished), so a partly done comparison can already be read."""
   results, seeds = [], []
-  for name in sorted(os.listdir(directory)):
+  for name in sorted(fs.listdir(directory)):
     path = os.path.join(directory, name, "results.json")
-    if name.startswith("seed") and os.path.isfile(path):
-      with open(path) as f:
-        r = json.load(f)
+    if name.startswith("seed") and fs.exists(path):
+      r = wd.read_json(path)
       if "evaluate" in r.get("timings", {}):
         results.append(r)
         seeds.append(int(name[len("seed"):]))
@@ -114,8 +115,7 @@ def run_seeds(config, seeds: list[int], workdir: str) -> dict[str, Any]:
   # Every finished seed in the directory, also those of earlier invocations (adding seeds
   # later extends the summary instead of replacing it).
   summary = collect(workdir)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  wd.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 

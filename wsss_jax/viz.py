@@ -15,7 +15,6 @@ class ids and 255 = ignore, coloured with the VOC palette (as the pseudo-label P
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -48,9 +47,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
 
 def save(fig: Any, path: str, dpi: int = 100) -> None:
   """Writes `fig` as a PNG at `path`, atomically (a killed run leaves no half file)."""
-  from wsss_jax.stages import workdir as wd  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with wd.atomic_path(path) as tmp:
+  from wsss_jax import fs  # pylint: disable=import-outside-toplevel
+  with fs.atomic_path(path) as tmp:  # local or gs:// (creates a local folder as needed)
     fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
 
 

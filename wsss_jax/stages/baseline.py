@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections as mlc
 
+from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import sources
 from wsss_jax.stages import inference
@@ -51,7 +52,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   path = train_stage.train_method(cfg, out_dir, method,
                                   sources.get_source(cfg.data, cfg.data.train_split))
   scores_path = os.path.join(out_dir, "classification.json")
-  if not os.path.exists(scores_path):
+  if not fs.exists(scores_path):
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mean_ap, aps = train_stage.classification_map(
         cfg, train_stage.classification_logits_fn(method.model),

@@ -9,12 +9,11 @@ of the split is written. Images without foreground labels have K = 0.
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax.stages import workdir as wd
 
 COMPLETE = "complete.json"
@@ -41,7 +40,7 @@ def load(directory: str, image_id: str) -> dict[str, np.ndarray]:
   """Reads one image's CAMs as float32 arrays; names the file if it is unreadable."""
   path = cam_path(directory, image_id)
   try:
-    with np.load(path) as z:
+    with fs.open_file(path, "rb") as f, np.load(f) as z:
       return {"keys": z["keys"], "cam": z["cam"].astype(np.float32),
               "high_res": z["high_res"].astype(np.float32)}
   except (OSError, ValueError, KeyError) as e:
@@ -60,12 +59,10 @@ def dense_scores(record: dict[str, np.ndarray], num_fg: int) -> np.ndarray:
 def is_complete(directory: str, ids: list[str]) -> bool:
   """True when the split's marker lists exactly these ids and every file exists."""
   marker = os.path.join(directory, COMPLETE)
-  if not os.path.exists(marker):
+  if not fs.exists(marker) or wd.read_json(marker).get("ids") != ids:
     return False
-  with open(marker) as f:
-    done: dict[str, Any] = json.load(f)
-  return done.get("ids") == ids and all(
-      os.path.exists(cam_path(directory, i)) for i in ids)
+  present = fs.names_in(directory)
+  return all(os.path.basename(cam_path(directory, i)) in present for i in ids)
 
 
 def mark_complete(directory: str, ids: list[str]) -> None:

@@ -16,6 +16,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import sources
 from wsss_jax.ops import cam as cam_ops
@@ -74,7 +75,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     counts[split] = len(ids)
     if cam_store.is_complete(directory, ids):
       continue
-    exists = lambda i: os.path.exists(cam_store.cam_path(directory, i))
+    written = fs.names_in(directory)
+    exists = lambda i: os.path.basename(cam_store.cam_path(directory, i)) in written
     for record, out in inference.predict_split(config, split, batch_fn, mesh,
                                                variables=variables, skip=exists):
       cam_store.save(directory, record["id"], *crop_cams(record, out))

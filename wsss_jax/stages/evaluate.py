@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import sources
 from wsss_jax.data import transforms
@@ -30,7 +31,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, f"{prefix}_{EVAL_FILE}")
   settings = {"scales": [float(s) for s in config.seg.scales], "flip": bool(config.seg.flip),
               "crf": bool(config.seg.crf), "split": config.data.val_split}
-  if os.path.exists(path) and wd.read_json(path).get("settings") == settings:
+  if fs.exists(path) and wd.read_json(path).get("settings") == settings:
     return wd.read_json(path)["headline"]
   meta = sources.prepare(config.data)
   method = methods.make_method(config, meta.num_classes, name="seg")

@@ -2,7 +2,6 @@
 prediction over a split (static shapes: images padded to P×P with a validity mask)."""
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator
 
 import flax.serialization
@@ -12,6 +11,7 @@ from jax.experimental import multihost_utils
 import ml_collections as mlc
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
@@ -40,12 +40,11 @@ def save_variables(path: str, params: Any, batch_stats: Any) -> None:
 
 def load_variables(path: str) -> dict[str, Any]:
   """Reads variables written by `save_variables`, naming the file on failure."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path}: trained weights not found; run the stage that "
                             "writes them first (train or seg)")
   try:
-    with open(path, "rb") as f:
-      return flax.serialization.msgpack_restore(f.read())
+    return flax.serialization.msgpack_restore(fs.read_bytes(path))
   except Exception as e:  # msgpack raises several unrelated types on corrupt input
     raise ValueError(f"{path}: unreadable weights file ({e}); delete it to retrain") from e
 

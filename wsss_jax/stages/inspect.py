@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections as mlc
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax.data import sources
 from wsss_jax.ops import metrics
 from wsss_jax.ops import pseudo_labels
@@ -104,7 +105,7 @@ class Workdir:
     return os.path.join(self.path, *parts)
 
   def has(self, *parts: str) -> bool:
-    return os.path.exists(self.file(*parts))
+    return fs.exists(self.file(*parts))
 
   def json(self, *parts: str) -> dict[str, Any] | None:
     """A JSON file of the work directory, or None if the stage has not written it."""
@@ -125,7 +126,7 @@ class Workdir:
   def pseudo_label(self, image_id: str) -> np.ndarray | None:
     """uint8 [H, W] pseudo-label (255 = unsure), or None if not written."""
     path = pseudo_stage.label_path(self.path, image_id)
-    return pseudo_stage.read_label(path) if os.path.exists(path) else None
+    return pseudo_stage.read_label(path) if fs.exists(path) else None
 
   def cam_threshold(self) -> float:
     """The sweep's best background threshold (the config's fallback if not swept yet)."""
@@ -158,9 +159,9 @@ def open_workdir(path: str) -> Workdir:
   The dataset is read from the cache the config names (`data.cache_dir`, else
   `$WSSS_JAX_CACHE`, else `~/.cache/wsss_jax`): set the same one the run used.
   """
-  path = os.path.abspath(path)
+  path = fs.absolute(path)
   cfg = os.path.join(path, "config.json")
-  if not os.path.exists(cfg):
+  if not fs.exists(cfg):
     raise FileNotFoundError(f"{cfg} not found: {path} is not a wsss work directory (run "
                             "`wsss --config=... --workdir=DIR` first)")
   return Workdir(path, mlc.ConfigDict(wd.read_json(cfg)))
@@ -168,10 +169,10 @@ def open_workdir(path: str) -> Workdir:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """JSON objects, one per line; other lines (a bench table printed after them) skipped."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return []
   out = []
-  with open(path) as f:
+  with fs.open_file(path) as f:
     for line in f:
       line = line.strip()
       if line.startswith("{"):

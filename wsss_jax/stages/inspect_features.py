@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import transforms
 from wsss_jax.ops import kmeans as km
@@ -225,9 +226,9 @@ def checkpoint_extra(w: inspect_lib.Workdir, stage: str = "train") -> Any:
   returned as it is (falsy)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   root = w.file(stage, "checkpoints")
-  if not os.path.isdir(root):
+  if not fs.isdir(root):
     root = w.file(stage)
-  steps = [int(s) for s in os.listdir(root) if s.isdigit()] if os.path.isdir(root) else []
+  steps = [int(s) for s in fs.listdir(root) if s.isdigit()] if fs.isdir(root) else []
   if not steps:
     return None
   path = os.path.join(root, str(max(steps)), "state")

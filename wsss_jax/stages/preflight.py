@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import ml_collections as mlc
 
+from wsss_jax import fs
+
 MIN_FREE_MB = 200
 OPTIMIZERS = ("sgd", "nesterov", "adamw")   # train/optim.py:_group_tx
 STEP_IMPLS = ("jit", "shard_map")           # train/step.py:make_train_step
@@ -122,7 +124,7 @@ def _stage_inputs(config: mlc.ConfigDict, workdir: str
   weights = inference.VARIABLES_FILE
 
   def exists(*parts: str) -> Callable[[], bool]:
-    return lambda: os.path.exists(os.path.join(workdir, *parts))
+    return lambda: fs.exists(os.path.join(workdir, *parts))
 
   d = config.data
   which = str(_get(config, "cams.variables", "train"))
@@ -168,16 +170,25 @@ def _input_problems(config: mlc.ConfigDict, stages: list[str], workdir: str) -> 
   init_from = str(_get(config, "train.init_from", "") or "")
   if "train" in stages and init_from not in ("", "baseline"):
     path = init_from
-    if os.path.isdir(path):
+    if fs.isdir(path):
       path = os.path.join(path, inference.VARIABLES_FILE)
-    if not os.path.exists(path):
+    if not fs.exists(path):
       problems.append(f"train.init_from={init_from!r}: {path} does not exist; give a "
                       f"{inference.VARIABLES_FILE} written by a train or baseline stage")
   return problems
 
 
 def free_space_problems(workdir: str, min_free_mb: float | None = None) -> list[str]:
-  """The work directory must be writable, with `min_free_mb` MiB free on its disk."""
+  """The work directory must be writable, with `min_free_mb` MiB free on its disk.
+
+  A bucket URL has no disk to measure: it must be reachable (gcsfs installed, credentials).
+  """
+  if fs.is_remote(workdir):
+    try:
+      fs.exists(workdir)
+    except Exception as e:  # pylint: disable=broad-except  (ImportError, auth, network)
+      return [f"--workdir={workdir}: cannot be reached ({type(e).__name__}: {e})"]
+    return []
   if min_free_mb is None:
     min_free_mb = float(os.environ.get("WSSS_JAX_MIN_FREE_MB", MIN_FREE_MB))
   existing = workdir
@@ -224,7 +235,7 @@ def check(config: mlc.ConfigDict, workdir: str) -> None:
   """Raises `ConfigError` listing every problem found; returns quietly otherwise."""
   from wsss_jax.stages import runner  # pylint: disable=g-import-not-at-top
   stages = runner.parse_stages(config.stages)
-  workdir = os.path.abspath(workdir)
+  workdir = fs.absolute(workdir)
   problems = (_enum_problems(config, stages) + _count_problems(config, stages)
               + _input_problems(config, stages, workdir) + free_space_problems(workdir))
   if problems:

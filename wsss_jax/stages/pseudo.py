@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from typing import Any
 
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image
 
+from wsss_jax import fs
 from wsss_jax.data import palette
 from wsss_jax.data import sources
 from wsss_jax.data import transforms
@@ -52,7 +52,8 @@ def label_path(workdir: str, image_id: str) -> str:
 def read_label(path: str) -> np.ndarray:
   """uint8 [H, W] class ids of a pseudo-label PNG (palette indices)."""
   try:
-    return np.asarray(Image.open(path), np.uint8)
+    with fs.open_file(path, "rb") as f:
+      return np.asarray(Image.open(f), np.uint8)
   except OSError as e:
     raise ValueError(f"{path}: unreadable pseudo-label ({e}); delete it to recompute") from e
 
@@ -62,7 +63,7 @@ def foreground_threshold(config: mlc.ConfigDict, workdir: str) -> float:
   if t >= 0:
     return t
   path = os.path.join(workdir, sweep_stage.SWEEP_FILE)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path} missing: pseudo.fg_threshold<0 takes the sweep's best "
                             "threshold, so run the sweep stage first")
   return float(wd.read_json(path)["best_threshold"])
@@ -99,7 +100,8 @@ def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
 
   add = functools.partial(dense_cams_batch, cam_dir=cam_store.split_dir(workdir, split),
                           num_fg=meta.num_classes - 1)
-  exists = lambda i: os.path.exists(label_path(workdir, i))
+  written = fs.names_in(pseudo_dir(workdir))
+  exists = lambda i: os.path.basename(label_path(workdir, i)) in written
   for record, out in inference.predict_split(config, split, batch_fn, mesh, skip=exists,
                                              add_inputs=add):
     h, w = record["mask"].shape
@@ -159,13 +161,13 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   settings = {"mode": config.pseudo.mode, "fg_threshold": fg_t,
               "bg_threshold": float(config.pseudo.bg_threshold), "crf": config.pseudo.crf,
               "crf_iters": int(config.pseudo.crf_iters)}
-  if os.path.exists(marker) and wd.read_json(marker).get("settings") == settings:
+  if fs.exists(marker) and wd.read_json(marker).get("settings") == settings:
     return wd.read_json(marker)["scores"]
   settings_path = os.path.join(pseudo_dir(workdir), "settings.json")
   if distributed.is_chief():
-    if os.path.exists(settings_path) and wd.read_json(settings_path) != settings:
+    if fs.exists(settings_path) and wd.read_json(settings_path) != settings:
       # Labels on disk were made with other settings: start over rather than mix them.
-      shutil.rmtree(pseudo_dir(workdir))
+      fs.rmtree(pseudo_dir(workdir))
     wd.write_json(settings_path, settings)
   distributed.barrier("pseudo:settings")
   mesh = mesh_lib.make_mesh(config.mesh)

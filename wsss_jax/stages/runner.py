@@ -15,6 +15,7 @@ from absl import logging
 import jax
 import ml_collections as mlc
 
+from wsss_jax import fs
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
 from wsss_jax.train import distributed
@@ -91,9 +92,9 @@ def run_stages(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
   preflight.check(config, workdir)
   enable_compilation_cache()
-  workdir = os.path.abspath(workdir)
+  workdir = fs.absolute(workdir)
   chief = distributed.is_chief()
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   if chief:
     wd.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     wd.update_results(workdir, versions=software_versions(), method=config.method,

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections as mlc
 
+from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import sources
 from wsss_jax.stages import pseudo as pseudo_stage
@@ -41,7 +42,7 @@ class PseudoLabelSource:
     record = dict(self.base[index])
     path = (os.path.join(self.directory, f"{record['id']}.png") if self.directory
             else pseudo_stage.label_path(self.workdir, record["id"]))
-    if not os.path.exists(path):
+    if not fs.exists(path):
       raise FileNotFoundError(f"{path}: pseudo-label missing; run the pseudo stage first")
     label = pseudo_stage.read_label(path)
     if label.shape != record["mask"].shape:
@@ -100,7 +101,7 @@ def training_inputs(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
                     if k not in ("crf", "scales", "flip")},
             "backbone": config.model.backbone}
   settings = os.path.join(label_dir(config, workdir), "settings.json")
-  if config.seg.pseudo_source == "pseudo" and os.path.exists(settings):
+  if config.seg.pseudo_source == "pseudo" and fs.exists(settings):
     inputs["pseudo"] = wd.read_json(settings)
   return inputs
 
@@ -111,7 +112,7 @@ def check_inputs(out_dir: str, inputs: dict[str, Any]) -> None:
   Checkpoints are never deleted here: the user decides (delete the folder to retrain).
   """
   path = os.path.join(out_dir, "inputs.json")
-  existed = os.path.exists(path)
+  existed = fs.exists(path)
   # Every process looks before process 0 may write it below.
   distributed.barrier("seg:inputs:checked")
   if existed:

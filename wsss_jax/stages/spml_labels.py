@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax.data import palette
 from wsss_jax.data import sources
 from wsss_jax.data import superpixels
@@ -99,7 +100,7 @@ class SPMLTrainSource:
     shape = record["mask"].shape
     if self.weak_label == "tags":
       path = os.path.join(self.label_dir, f"{record['id']}.png")
-      if not os.path.exists(path):
+      if not fs.exists(path):
         raise FileNotFoundError(f"{path}: CAM pseudo-label missing; run the pseudo stage "
                                 "(on the baseline's CAMs) before training SPML")
       label = pseudo_stage.read_label(path)
@@ -339,7 +340,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   bg = pseudo_stage.foreground_threshold(config, workdir) if use_cams else 0.0
   settings = {"labels": config.spml_labels.to_dict(), "mode": mode, "bg": bg,
               "weak_label": config.data.get("weak_label", "tags")}
-  if os.path.exists(marker) and wd.read_json(marker).get("settings") == settings:
+  if fs.exists(marker) and wd.read_json(marker).get("settings") == settings:
     return wd.read_json(marker)["scores"]
   model = spml.build_model(config, c)
   variables = inference.load_variables(

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections as mlc
 import numpy as np
 
+from wsss_jax import fs
 from wsss_jax.data import sources
 from wsss_jax.ops import metrics
 from wsss_jax.stages import cam_store
@@ -64,7 +65,7 @@ def sweep_confusions(workdir: str, config: mlc.ConfigDict, split: str,
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, SWEEP_FILE)
   thresholds = np.asarray(config.sweep.thresholds, np.float32)
-  if os.path.exists(path):
+  if fs.exists(path):
     done = wd.read_json(path)
     if done.get("thresholds") == [float(t) for t in thresholds]:
       return _headline(done)

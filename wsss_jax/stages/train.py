@@ -16,6 +16,7 @@ import ml_collections as mlc
 import numpy as np
 from sklearn.metrics import average_precision_score
 
+from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import pipeline
 from wsss_jax.data import sources
@@ -35,7 +36,7 @@ def train_method(config: mlc.ConfigDict, out_dir: str, method: Any, source: Any,
   `eval_fn(state, step)` runs every `config.train.eval_every` steps (0: never).
   """
   path = os.path.join(out_dir, inference.VARIABLES_FILE)
-  if os.path.exists(path):
+  if fs.exists(path):
     return path
   mesh = mesh_lib.make_mesh(config.mesh)
   # `train.nan_retries > 0`: a NaN/Inf rolls back to the last finite checkpoint and
@@ -65,10 +66,10 @@ def init_from_path(config: mlc.ConfigDict, workdir: str) -> str:
     hint = "add the 'baseline' stage before 'train' in config.stages"
   else:
     path = init_from
-    if os.path.isdir(path):
+    if fs.isdir(path):
       path = os.path.join(path, inference.VARIABLES_FILE)
     hint = "give a final_variables.msgpack written by a train or baseline stage"
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"config.train.init_from={init_from!r}: {path} does not exist; "
                             f"{hint}")
   return path
@@ -124,7 +125,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   path = train_method(config, out_dir, method, source,
                       eval_fn=periodic_eval)
   scores_path = os.path.join(out_dir, "classification.json")
-  if os.path.exists(scores_path):
+  if fs.exists(scores_path):
     return wd.read_json(scores_path)
   mean_ap, aps = classification_map(config, logits_fn, inference.load_variables(path),
                                     mesh)

@@ -1,41 +1,21 @@
 """The work directory: atomic writes, results.json, stage completion markers.
 
-Every stage writes its outputs through these helpers: a file is written to a temporary
-name in the same folder and renamed into place, so a killed run never leaves a half file
-that a later run would take as complete.
+Every stage writes its outputs through these helpers (`fs.atomic_path`): a file is
+written to a temporary name and renamed (or uploaded) into place, so a killed run never
+leaves a half file that a later run would take as complete. The work directory may be a
+local folder or a `gs://` URL (`wsss_jax/fs.py`).
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
 import os
-import tempfile
-from typing import Any, Iterator
+from typing import Any
+
+from wsss_jax import fs
+from wsss_jax.fs import atomic_path  # noqa: F401  (re-exported: stages write through it)
 
 RESULTS = "results.json"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                             dir=directory)
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except OSError as e:
-    if e.errno == errno.ENOSPC:  # the bare error names no file; say which and what is kept
-      raise OSError(errno.ENOSPC, f"No space left on device while writing {path} (the "
-                    "previous version, if any, is kept); free space and rerun") from e
-    raise
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -49,7 +29,7 @@ def write_json(path: str, obj: Any) -> None:
 def read_json(path: str) -> Any:
   """Reads a JSON file, naming the file in the error if it is corrupt."""
   try:
-    with open(path) as f:
+    with fs.open_file(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e}); delete it to recompute") from e
@@ -58,7 +38,7 @@ def read_json(path: str) -> Any:
 def update_results(workdir: str, **values: Any) -> dict[str, Any]:
   """Merges flat keys into workdir/results.json (created if missing); returns the result."""
   path = os.path.join(workdir, RESULTS)
-  results = read_json(path) if os.path.exists(path) else {}
+  results = read_json(path) if fs.exists(path) else {}
   results.update(values)
   write_json(path, results)
   return results
@@ -66,7 +46,7 @@ def update_results(workdir: str, **values: Any) -> dict[str, Any]:
 
 def read_results(workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, RESULTS)
-  return read_json(path) if os.path.exists(path) else {}
+  return read_json(path) if fs.exists(path) else {}
 
 
 def _finite(obj: Any) -> Any:

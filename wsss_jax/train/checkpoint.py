@@ -23,6 +23,7 @@ import grain
 import orbax.checkpoint as ocp
 from absl import logging
 
+from wsss_jax import fs
 from wsss_jax.train import nan_guard
 
 PyTree = Any
@@ -42,7 +43,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = fs.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
@@ -111,7 +112,7 @@ class Checkpointer:
     if step is None:
       return None
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    has_data = fs.isdir(os.path.join(self.directory, str(step), "data"))
     if _is_grain_iterator(data_iter):
       if has_data:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

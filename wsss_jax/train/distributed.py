@@ -31,6 +31,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from wsss_jax import fs
+
 MODES = ("auto", "on", "off")
 
 
@@ -233,25 +235,24 @@ def check_shared_workdir(workdir: str) -> None:
   token = allgather(np.frombuffer(os.urandom(16), np.uint8))[0].tobytes().hex()
   path = os.path.join(workdir, ".wsss_shared_check")
   if is_chief():
-    with open(path, "w") as f:
+    with fs.atomic_path(path) as tmp, open(tmp, "w") as f:
       f.write(token)
   barrier("shared_workdir:written")
   try:
-    with open(path) as f:
-      seen = f.read().strip()
+    seen = fs.read_bytes(path).decode().strip()
   except OSError:
     seen = None
   ok = all_processes_agree(seen == token)  # returns once every process has read it
   if is_chief():
     try:
-      os.remove(path)
+      fs.remove(path)
     except OSError:
       pass
   if not ok:
     raise ValueError(
         f"--workdir={workdir} is not shared by all {jax.process_count()} processes "
         f"(process {jax.process_index()} read {seen!r} from {path}, process 0 wrote "
-        f"{token!r}); use a shared file system (NFS, Filestore, a gcsfuse mount).")
+        f"{token!r}); use a shared file system (NFS, Filestore) or a gs:// bucket.")
 
 
 def shard_range(n: int) -> range:

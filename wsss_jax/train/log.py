@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from wsss_jax import fs
+
 # Dense bf16 (fp16 for V100) peak FLOP/s per JAX device. TPU v2/v3 expose one device per
 # core (half a chip); v4/v5p are megacore (device = chip).
 _PEAK_FLOPS = (
@@ -76,6 +78,8 @@ def _to_json_value(v: Any) -> Any:
 def _end_cut_line(path: str) -> None:
   """Ends a last line cut off by a killed writer, so appended records start on a new line
   (readers then skip the one broken line instead of losing the next record with it)."""
+  if fs.is_remote(path):
+    return  # objects are uploaded whole (fs.append_text): no cut-off line is possible
   if not os.path.exists(path) or os.path.getsize(path) == 0:
     return
   with open(path, "rb+") as f:
@@ -99,7 +103,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, filename)
     self._tb = None
     if self.chief:
-      os.makedirs(workdir, exist_ok=True)
+      fs.makedirs(workdir)
       _end_cut_line(self.path)
       if tensorboard:
         self._tb = _make_tb_writer(os.path.join(workdir, "tb"))
@@ -109,8 +113,7 @@ class MetricWriter:
       return
     record = {"step": int(step)}
     record.update({k: _to_json_value(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    fs.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):

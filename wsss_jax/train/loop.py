@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from wsss_jax import fs
 from wsss_jax.methods.base import Method
 from wsss_jax.train import checkpoint as ckpt_lib
 from wsss_jax.train import log as log_lib
@@ -107,12 +108,11 @@ def train(method: Method, config: Any, workdir: str,
   ckpt_every = int(tc.get("ckpt_every", 0))
   eval_every = int(tc.get("eval_every", 0))
   chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   if chief and hasattr(config, "to_json_best_effort"):
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:  # then renamed: a kill never leaves half a file
+    # Atomic: a kill never leaves half a file.
+    with fs.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
 
   sample_batch_shapes = sample_batch_shapes or default_sample_batch_shapes(config)
   optimizer = optimizer or state_lib.make_optimizer_for(method, config, sample_batch_shapes)

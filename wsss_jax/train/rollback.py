@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Callable, TypeVar
 
 from absl import logging
 import jax
 import ml_collections as mlc
 
+from wsss_jax import fs
 from wsss_jax.train.nan_guard import NonFiniteError
 
 RETRY_FILE = "nan_retries.json"
@@ -32,21 +32,18 @@ T = TypeVar("T")
 def read_record(out_dir: str) -> dict[str, Any]:
   """`{'lr_scale': float, 'retries': [{step, metric, value, lr_scale}, ...]}`."""
   path = os.path.join(out_dir, RETRY_FILE)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return {"lr_scale": 1.0, "retries": []}
-  with open(path) as f:
+  with fs.open_file(path) as f:
     return json.load(f)
 
 
 def _write_record(out_dir: str, record: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(out_dir, exist_ok=True)
-  # Atomic (temporary file + rename): a kill here must not leave a half record.
-  fd, tmp = tempfile.mkstemp(prefix="." + RETRY_FILE, dir=out_dir)
-  with os.fdopen(fd, "w") as f:
+  # Atomic (temporary file + rename or one upload): a kill must not leave a half record.
+  with fs.atomic_path(os.path.join(out_dir, RETRY_FILE)) as tmp, open(tmp, "w") as f:
     json.dump(record, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, RETRY_FILE))
 
 
 def scaled_config(config: mlc.ConfigDict, lr_scale: float) -> mlc.ConfigDict:
