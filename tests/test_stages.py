@@ -7,7 +7,6 @@ two runs with `--workdir=gs://...` on a Cloud Storage server on localhost
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
