@@ -1,12 +1,12 @@
 """Multi-host for real, on one machine: 2 and 4 JAX processes on localhost (CPU devices,
 gloo collectives) run the pipeline (train with a checkpoint restore, CAMs, sweep,
 pseudo-labels) and must give what one process with the same devices and global batch
-gives.
+gives. Two processes also run it with the work directory in a bucket (`gs://`, a Cloud
+Storage server on localhost: tests/gcs_emulator.py), as the workers of a TPU pod do.
 
 Each run uses 4 CPU devices in total (1 x 4, 2 x 2, 4 x 1), global train batch 8, eval
 batch 4. Workers: tests/multihost_worker.py.
 """
-import glob
 import json
 import os
 import socket
@@ -32,9 +32,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(num_processes: int, workdir: str, cache_dir: str, resume_at: int = 0) -> None:
+def _run(num_processes: int, workdir: str, cache_dir: str, resume_at: int = 0,
+         logs_dir: str = "", env_extra: dict | None = None) -> None:
   """Starts the worker processes and waits for all; fails with their logs."""
-  env = dict(os.environ)
+  env = {**os.environ, **(env_extra or {})}
   env.update({
       "XLA_FLAGS": f"--xla_force_host_platform_device_count="
                    f"{TOTAL_DEVICES // num_processes}",
@@ -42,8 +43,9 @@ def _run(num_processes: int, workdir: str, cache_dir: str, resume_at: int = 0) -
       "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE),
                                      env.get("PYTHONPATH", "")])})
   port = _free_port()
-  logs = [os.path.join(workdir + "_logs", f"p{i}.log") for i in range(num_processes)]
-  os.makedirs(workdir + "_logs", exist_ok=True)
+  logs_dir = logs_dir or workdir + "_logs"
+  logs = [os.path.join(logs_dir, f"p{i}.log") for i in range(num_processes)]
+  os.makedirs(logs_dir, exist_ok=True)
   procs = []
   for i in range(num_processes):
     with open(logs[i], "w") as log:
@@ -67,20 +69,24 @@ def _run(num_processes: int, workdir: str, cache_dir: str, resume_at: int = 0) -
 
 
 def _outputs(workdir: str) -> dict:
-  with open(os.path.join(workdir, "train", "final_variables.msgpack"), "rb") as f:
-    variables = flax.serialization.msgpack_restore(f.read())
-  cams = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "cams", "train", "*.npz"))):
-    with np.load(path) as z:
-      cams[os.path.basename(path)] = {k: z[k].astype(np.float32) for k in z.files}
-  pseudo = {}
+  """The run's weights, CAMs, pseudo-labels, results and losses (local folder or gs://)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  for path in sorted(glob.glob(os.path.join(workdir, "pseudo", "*.png"))):
-    pseudo[os.path.basename(path)] = np.asarray(Image.open(path))
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
-  with open(os.path.join(workdir, "train", "metrics.jsonl")) as f:
-    losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+  from wsss_jax import fs  # pylint: disable=import-outside-toplevel
+  variables = flax.serialization.msgpack_restore(
+      fs.read_bytes(os.path.join(workdir, "train", "final_variables.msgpack")))
+  cams = {}
+  cam_dir = os.path.join(workdir, "cams", "train")
+  for name in sorted(n for n in fs.names_in(cam_dir) if n.endswith(".npz")):
+    with fs.open_file(os.path.join(cam_dir, name), "rb") as f, np.load(f) as z:
+      cams[name] = {k: z[k].astype(np.float32) for k in z.files}
+  pseudo = {}
+  pseudo_dir = os.path.join(workdir, "pseudo")
+  for name in sorted(n for n in fs.names_in(pseudo_dir) if n.endswith(".png")):
+    with fs.open_file(os.path.join(pseudo_dir, name), "rb") as f:
+      pseudo[name] = np.asarray(Image.open(f))
+  results = json.loads(fs.read_bytes(os.path.join(workdir, "results.json")))
+  log = fs.read_bytes(os.path.join(workdir, "train", "metrics.jsonl")).decode()
+  losses = [r["loss"] for r in map(json.loads, log.splitlines()) if "loss" in r]
   return {"variables": variables, "cams": cams, "pseudo": pseudo, "results": results,
           "losses": losses}
 
@@ -128,6 +134,30 @@ def test_processes_equal_single_process(num_processes, single, cache_dir, tmp_pa
   _assert_same(multi, single)
   # Process 0 alone wrote the summaries: one header + 2 log lines, not one per process.
   assert len(multi["losses"]) == 2
+
+
+def test_processes_share_a_bucket_workdir(single, cache_dir, tmp_path):
+  import gcs_emulator  # pylint: disable=import-outside-toplevel
+  server, url = gcs_emulator.start(str(tmp_path / "store"))
+  env = gcs_emulator.client_env(url)
+  try:
+    workdir = f"gs://{gcs_emulator.BUCKET}/mh"
+    # Both processes checkpoint into the bucket at step 2 and restore from it.
+    _run(2, workdir, cache_dir, resume_at=2, logs_dir=str(tmp_path / "logs"),
+         env_extra=env)
+    with pytest.MonkeyPatch.context() as mp:
+      for key, value in env.items():
+        mp.setenv(key, value)
+      multi = _outputs(workdir)
+  finally:
+    server.stop()
+  _assert_same(multi, single)
+  assert len(multi["losses"]) == 2
+  # Each process wrote its own orbax shard of the checkpoint into the one bucket folder.
+  state = tmp_path / "store" / ".cloudstorage" / gcs_emulator.BUCKET / "mh" / "train" / \
+      "checkpoints" / "4" / "state"
+  assert {p.name for p in state.glob("ocdbt.process_*")} == {"ocdbt.process_0",
+                                                             "ocdbt.process_1"}
 
 
 def test_gather_helpers_single_process():
