@@ -6,11 +6,8 @@ Same backbone, data, steps and stages as configs/synthetic/cam.py; only the meth
   wsss --config=configs/synthetic/dscnet.py:variant=pgcl_only --workdir=runs/synthetic_dscnet_m1
   wsss --config=configs/synthetic/dscnet.py:runlocal --workdir=/tmp/w   # smoke run
 
-Args: `variant` = full (M4, default) | independent (M3) | pgcl_only (M1) | sgcl_only (M2)
-(the paper's ablation rows); `pgcl_mode` = group (default) | pixel (pixel-by-pixel
-contrast, for the efficiency comparison); `pixel_samples` (pixel mode: anchors per image,
-0 = all cells); `backbone`; `runlocal`. Every reconstructed choice is under
-`config.dscnet_r.reconstructed` (override with `--config.dscnet_r.reconstructed.KEY=V`).
+Args: as configs/voc/dscnet.py (`variant`, `pgcl_mode`, `pixel_samples`, `backbone`,
+`runlocal`).
 """
 import os
 import sys
@@ -28,9 +25,7 @@ def get_config(arg: str | None = None):
   c = common.load_config(__file__, "cam.py",
                          f"backbone={arg.backbone}" + (",runlocal" if arg.runlocal else ""))
   c.method = "dscnet_r"
-  c.dscnet_r = mlc.ConfigDict(dscnet.dscnet_config())
-  c.dscnet_r.variant = arg.variant
-  c.dscnet_r.pgcl_mode = arg.pgcl_mode
-  c.dscnet_r.pixel_num_samples = arg.pixel_samples
+  c.dscnet_r = mlc.ConfigDict(dscnet.dscnet_config(arg.variant, arg.pgcl_mode,
+                                                    arg.pixel_samples))
   dscnet.validate_config(c.dscnet_r)
   return c

@@ -32,9 +32,7 @@ def get_config(arg: str | None = None):
       filter(None, [f"backbone={arg.backbone}" if arg.backbone else "",
                     "runlocal" if arg.runlocal else ""])))
   c.method = "dscnet_r"
-  c.dscnet_r = mlc.ConfigDict(dscnet.dscnet_config())
-  c.dscnet_r.variant = arg.variant
-  c.dscnet_r.pgcl_mode = arg.pgcl_mode
-  c.dscnet_r.pixel_num_samples = arg.pixel_samples
+  c.dscnet_r = mlc.ConfigDict(dscnet.dscnet_config(arg.variant, arg.pgcl_mode,
+                                                    arg.pixel_samples))
   dscnet.validate_config(c.dscnet_r)
   return c

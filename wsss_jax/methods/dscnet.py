@@ -168,14 +168,17 @@ class DSCNetR(nn.Module):
     return out
 
 
-def dscnet_config() -> dict[str, Any]:
-  """Defaults of `config.dscnet_r` (METHODS.md §4.5, §4.9); see the module docstring."""
+def dscnet_config(variant: str = "full", pgcl_mode: str = "group",
+                  pixel_num_samples: int = 0) -> dict[str, Any]:
+  """`config.dscnet_r`: the defaults of METHODS.md §4.5, §4.9 (see the module docstring)
+  with the three choices the config files expose as `:variant=,pgcl_mode=,pixel_samples=`.
+  """
   return dict(
-      variant="full",            # full (M4) | independent (M3) | pgcl_only (M1) | sgcl_only (M2)
+      variant=variant,           # full (M4) | independent (M3) | pgcl_only (M1) | sgcl_only (M2)
       lambda_pgcl=0.6,           # [P] Eq. 13
       lambda_sgcl=0.4,           # [P] Eq. 13
-      pgcl_mode="group",         # group (PGCL) | pixel (pixel-by-pixel Eq. 3, Table V)
-      pixel_num_samples=0,       # pixel mode: anchors per image, 0 = every valid cell
+      pgcl_mode=pgcl_mode,       # group (PGCL) | pixel (pixel-by-pixel Eq. 3, Table V)
+      pixel_num_samples=pixel_num_samples,  # pixel mode: anchors per image, 0 = all cells
       reconstructed=dict(        # [I] every choice the paper's text leaves open
           kmeans_space="pearson",       # pearson | cosine | raw
           kmeans_iters=10,
