@@ -35,9 +35,13 @@ def get_config(arg: str | None = None):
   c.train.num_steps = max(total // 4, 1)
   c.optim.lr = 0.007
   c.csrm.steps_per_epoch = max(c.train.num_steps // 10, 1)   # ~10 "epochs"
+  # Half of the CSRM steps train only L_c + L_c2s before the consistency terms start (18 of
+  # 37 steps; the reference's 1 of 15 epochs is 46 steps x 32 images); see configs/voc/csrm.py.
+  c.csrm.warmup_epochs = 6
   c.csrm.head_width = 64
   if arg.runlocal:  # smoke-sized: 3 + 3 steps, CSRM losses on from its second step
     c.baseline.num_steps, c.train.num_steps, c.csrm.steps_per_epoch = 3, 3, 1
+    c.csrm.warmup_epochs = 1
   c.csrm.num_queries = 64
   c.csrm.bank_size_fg, c.csrm.bank_size_bg = 2000, 4000
   return c

@@ -43,7 +43,13 @@ def get_config(arg: str | None = None):
     # Batch 16 = 8 "L" + 8 "U" rows (csrm.unlabeled='split').
     c.baseline.num_steps = total - total // 4
     c.train.num_steps = total // 4
-    c.csrm.steps_per_epoch = 5      # 10 "epochs" of 5 steps, warm-up 1 (reference 15 x 46)
+    # 10 "epochs" of 5 steps (reference 15 x 46). Warm-up 5 epochs = 25 steps = 200 L
+    # images before L_s2c/L_u/L_contra start (reference: 46 steps x 32 = 1472 images). With
+    # the reference's 1 epoch (5 steps, 40 images) the random-init segmentation branch is
+    # still uninformed when those terms start and they pull the CAMs down (README, "Why
+    # CSRM ..."; `--config.csrm.warmup_epochs=1` restores it).
+    c.csrm.steps_per_epoch = 5
+    c.csrm.warmup_epochs = 5
     c.csrm.head_width = 64
     c.csrm.use_crf = arg.crf == 1   # off by default (CPU time); on with :runlocal,crf=1
     c.csrm.num_queries = 64
