@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices (before JAX initialises) and parsed absl flags."""
+import importlib.util
 import os
 import sys
 
@@ -21,6 +22,15 @@ import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MSRC_ROOT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "msrc21")
+
+
+def load_config_file(path: str, arg: str):
+  """`get_config(arg)` of the config file at `path` (relative to the repository root)."""
+  spec = importlib.util.spec_from_file_location("cfg_" + path.replace("/", "_"),
+                                                os.path.join(REPO_ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 @pytest.fixture(scope="session")

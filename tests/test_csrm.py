@@ -9,6 +9,7 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
+from conftest import load_config_file
 from tiny_model import make_batches, max_abs_diff, run_steps, tiny_config
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods import csrm
@@ -359,3 +360,23 @@ def test_export_teacher_or_student():
   assert max_abs_diff(got["params"], state.params) == 0
   with pytest.raises(ValueError, match="config.csrm.export"):
     csrm.make_csrm_method(_cfg(export="ema"), C, model=_tiny_model())
+
+
+@pytest.mark.parametrize("path,base_path", [("configs/synthetic/csrm.py",
+                                             "configs/synthetic/cam.py"),
+                                            ("configs/voc/csrm.py", "configs/voc/cam.py")])
+def test_configs_share_cam_steps_and_pick_head_norm(path, base_path):
+  # CPU-sized configs: baseline + CSRM steps = the CAM config's steps (a same-budget
+  # comparison), BatchNorm heads and a long warm-up (README, "Why CSRM ...").
+  arg = "" if path.startswith("configs/synthetic") else "runlocal"
+  c, b = load_config_file(path, arg), load_config_file(base_path, arg)
+  assert c.method == "csrm" and c.train.init_from == "baseline"
+  assert c.baseline.num_steps + c.train.num_steps == b.train.num_steps
+  assert c.csrm.head_norm == "batch" and c.csrm.warmup_epochs >= 5
+  if path.startswith("configs/voc"):
+    # The full VOC config is the reference recipe: the whole CAM schedule as the baseline,
+    # then 15 x 46 CSRM steps with GroupNorm(4), 256-wide heads and 1 warm-up epoch.
+    full, cam = load_config_file(path, ""), load_config_file(base_path, "")
+    assert full.baseline.num_steps == cam.train.num_steps and full.train.num_steps == 690
+    assert (full.csrm.head_norm, full.csrm.head_width, full.csrm.warmup_epochs) == (
+        "group", 256, 1)

@@ -1,7 +1,5 @@
 """DSCNet-R (methods/dscnet.py, ops/group_contrast.py): groups, PGCL, SGCL, fusion, sharding."""
-import importlib.util
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -10,6 +8,7 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
+from conftest import load_config_file
 from tiny_model import TinyBackbone, make_batches, max_abs_diff, run_steps, tiny_config
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods import base
@@ -17,7 +16,6 @@ from wsss_jax.methods import dscnet
 from wsss_jax.ops import group_contrast as gc
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -262,28 +260,20 @@ def test_group_contrast_is_cheaper_than_pixel_contrast():
   assert flops["pixel"] > 3 * flops["group"]
 
 
-def _load_config(path, arg):
-  spec = importlib.util.spec_from_file_location("cfg_" + path.replace("/", "_"),
-                                                os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.mark.parametrize("path,base_path", [("configs/synthetic/dscnet.py",
                                              "configs/synthetic/cam.py"),
                                             ("configs/voc/dscnet.py", "configs/voc/cam.py")])
 def test_configs_mirror_cam_and_validate(path, base_path):
   for arg in ("runlocal", ""):
-    c, b = _load_config(path, arg), _load_config(base_path, arg)
+    c, b = load_config_file(path, arg), load_config_file(base_path, arg)
     assert c.method == "dscnet_r" and c.dscnet_r.variant == "full"
     for key in ("model", "data", "train", "optim", "cams", "sweep", "pseudo", "seg"):
       assert c[key].to_dict() == b[key].to_dict(), key
-  c = _load_config(path, "runlocal,variant=sgcl_only,pgcl_mode=pixel,pixel_samples=64")
+  c = load_config_file(path, "runlocal,variant=sgcl_only,pgcl_mode=pixel,pixel_samples=64")
   assert (c.dscnet_r.variant, c.dscnet_r.pgcl_mode, c.dscnet_r.pixel_num_samples) == (
       "sgcl_only", "pixel", 64)
   with pytest.raises(ValueError, match="variant"):
-    _load_config(path, "variant=m5")
+    load_config_file(path, "variant=m5")
   bad = _config(variant="pgcl_only", **{"reconstructed.cams_output": "refined"})
   with pytest.raises(ValueError, match="cams_output"):
     dscnet.make_dscnet_method(bad, 5, backbone=TinyBackbone(8))

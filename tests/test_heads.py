@@ -138,3 +138,26 @@ def test_registry_errors():
     build_model(CFG, 1, "cam")
   with pytest.raises(ValueError, match="dtype"):
     build_model({**CFG, "dtype": "float8"}, 21, "cam")
+
+
+def test_group_norm_matches_numpy_reference():
+  """Norm('group') = torch.nn.GroupNorm's definition: per sample, channels split into
+  contiguous groups, mean/biased variance over (H, W, channels of the group), eps 1e-5."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(loc=3.0, scale=2.0, size=(2, 5, 4, 12)).astype(np.float32)
+  norm = heads.Norm("group", num_groups=3)
+  variables = norm.init(jax.random.key(0), jnp.asarray(x), True)
+  scale = rng.uniform(0.5, 1.5, size=12).astype(np.float32)
+  bias = rng.normal(size=12).astype(np.float32)
+  variables = {"params": {"gn": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}}
+  got = np.asarray(norm.apply(variables, jnp.asarray(x), True))
+  g = x.reshape(2, 5, 4, 3, 4)                      # [B, H, W, groups, C/groups]
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # The statistics are per image: changing image 1 leaves image 0's output unchanged.
+  x2 = x.copy()
+  x2[1] *= 10.0
+  got2 = np.asarray(norm.apply(variables, jnp.asarray(x2), True))
+  np.testing.assert_allclose(got2[0], got[0], rtol=1e-6, atol=1e-6)

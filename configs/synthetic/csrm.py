@@ -6,7 +6,8 @@ r"""CSRM on the embedded synthetic digits-on-textures set.
 CAM baseline stage (`baseline.num_steps`) + CSRM warm-started from it (`train.num_steps`);
 together they equal configs/synthetic/cam.py's `train.num_steps` (113 + 37 = 150). The
 heads are 64 channels wide (`csrm.head_width`; reference 256) to keep the CPU cost of a
-CSRM step near 3.6x a CAM step (see configs/voc/csrm.py).
+CSRM step near 3.6x a CAM step, and use BatchNorm (`csrm.head_norm`; reference GroupNorm(4),
+which barely trains at batch 8; see configs/voc/csrm.py).
 Args: `runlocal`, `backbone`, `crf` (label CRF in the step, default on), `seg_cams`.
 """
 import os
@@ -39,6 +40,7 @@ def get_config(arg: str | None = None):
   # 37 steps; the reference's 1 of 15 epochs is 46 steps x 32 images); see configs/voc/csrm.py.
   c.csrm.warmup_epochs = 6
   c.csrm.head_width = 64
+  c.csrm.head_norm = "batch"   # as configs/voc/csrm.py:runlocal (reference: GroupNorm(4))
   if arg.runlocal:  # smoke-sized: 3 + 3 steps, CSRM losses on from its second step
     c.baseline.num_steps, c.train.num_steps, c.csrm.steps_per_epoch = 3, 3, 1
     c.csrm.warmup_epochs = 1
