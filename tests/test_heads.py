@@ -146,7 +146,8 @@ def test_group_norm_matches_numpy_reference():
   rng = np.random.default_rng(5)
   x = rng.normal(loc=3.0, scale=2.0, size=(2, 5, 4, 12)).astype(np.float32)
   norm = heads.Norm("group", num_groups=3)
-  variables = norm.init(jax.random.key(0), jnp.asarray(x), True)
+  init = norm.init(jax.random.key(0), jnp.asarray(x), True)
+  assert jax.tree.map(jnp.shape, init) == {"params": {"gn": {"scale": (12,), "bias": (12,)}}}
   scale = rng.uniform(0.5, 1.5, size=12).astype(np.float32)
   bias = rng.normal(size=12).astype(np.float32)
   variables = {"params": {"gn": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}}
