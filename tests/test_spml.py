@@ -374,3 +374,16 @@ def test_train_transform_moves_extra_maps_with_the_mask():
     assert np.all(out["superpixels"][pad] == 0)
   with pytest.raises(ValueError, match="superpixels shape"):
     t.random_map({**ex, "superpixels": mask[:10]}, np.random.default_rng(0))
+
+
+def test_cpu_configs_walk_one_step_for_tags_only():
+  """The CPU-sized tag configs take one random-walk step (README: the 64 steps of the
+  reference over-diffuse an 80-step embedding); points and the full config keep 64."""
+  from conftest import load_config_file
+  assert load_config_file("configs/voc/spml.py", "runlocal").spml_labels.rw_logt == 0
+  assert load_config_file("configs/synthetic/spml.py", "").spml_labels.rw_logt == 0
+  assert load_config_file("configs/voc/spml.py", "").spml_labels.rw_logt == 6
+  assert load_config_file("configs/voc/spml.py",
+                          "runlocal,weak_label=points").spml_labels.rw_logt == 6
+  assert load_config_file("configs/synthetic/spml.py",
+                          "weak_label=points").spml_labels.rw_logt == 6

@@ -28,6 +28,8 @@ def get_config(arg: str | None = None):
   c.spml.superpixels.n_segments = 32
   c.spml.max_segments = 192          # ~100-125 segments per 128 crop (measured)
   c.spml.pixels_per_image = 256
+  if arg.weak_label == "tags":
+    c.spml_labels.rw_logt = 0        # as configs/voc/spml.py:runlocal (60 SPML steps here)
   if arg.runlocal:
     c.spml.pixels_per_image = 64
   return c

@@ -76,6 +76,11 @@ def get_config(arg: str | None = None):
   c = spml_setup(c, weak_label=arg.weak_label, code_weights=arg.code_weights,
                  cam_steps=cam_steps, spml_steps=spml_steps)
   if arg.runlocal:
+    if arg.weak_label == "tags":
+      # One random-walk step instead of the reference's 64: an 80-step embedding
+      # over-diffuses (README "Why SPML's labels fell below the baseline";
+      # `--config.spml_labels.rw_logt=6` restores the reference).
+      c.spml_labels.rw_logt = 0
     c.spml.pixels_per_image = 256    # loss anchors per image (CPU budget); 0 = all
     c.spml.max_segments = 224        # ~130-170 segments per 224 crop on MSRC (measured)
     c.optim.lr = 0.01
