@@ -1,12 +1,11 @@
 """SPML: segment tables, vMF relations, memory rollover, step sharding, weak labels."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
-from tiny_model import max_abs_diff, run_steps, tiny_config
+from tiny_model import TinyTwoScaleBackbone, max_abs_diff, run_steps, tiny_config
 from wsss_jax.methods import spml
 from wsss_jax.ops import segments as seg_ops
 from wsss_jax.ops import vmf_loss
@@ -180,17 +179,6 @@ def test_vmf_gradient_finite_with_empty_rows():
 # ---------------------------------------------------------------------------------------
 # Train step: memory rollover, sharded == unsharded.
 # ---------------------------------------------------------------------------------------
-class TinyBackbone(nn.Module):
-  """Stride-2 'stride4' map and stride-4 'out' map, with BatchNorm."""
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    s4 = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), name="conv1")(x))
-    s4 = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(s4)
-    out = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), name="conv2")(s4))
-    return {"stride4": s4, "out": out}
-
-
 def _spml_config(**overrides):
   cfg = tiny_config(**{"data.batch_size": 8, "data.crop_size": 16, **overrides})
   cfg.method = "spml"
@@ -204,7 +192,7 @@ def _spml_config(**overrides):
 
 
 def _method(cfg):
-  model = spml.SPMLNet(TinyBackbone(name=None), NUM_CLASSES, embedding_dim=8,
+  model = spml.SPMLNet(TinyTwoScaleBackbone(name=None), NUM_CLASSES, embedding_dim=8,
                        aspp_rates=(1, 2), classifier_hidden=8, classifier_dropout=0.0)
   return spml.make_spml_method(cfg, NUM_CLASSES, model=model)
 

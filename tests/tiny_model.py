@@ -32,6 +32,17 @@ class TinyBackbone(nn.Module):
     return nn.relu(x)
 
 
+class TinyTwoScaleBackbone(nn.Module):
+  """Stride-2 'stride4' map and stride-4 'out' map, with BatchNorm (SPML's input contract)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    s4 = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), name="conv1")(x))
+    s4 = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(s4)
+    out = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), name="conv2")(s4))
+    return {"stride4": s4, "out": out}
+
+
 class TinyCAM(nn.Module):
   """Conv(stride 2) + BN + ReLU backbone, 1x1-conv class maps, global average pooling."""
   num_fg: int

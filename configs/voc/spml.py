@@ -3,8 +3,9 @@ r"""SPML (METHODS.md §5) on a VOC-layout folder: CAM baseline -> SPML -> segmen
 Pipeline (`config.stages`): data, baseline (the CAM baseline, `baseline.num_steps`), cams /
 sweep / pseudo on the baseline's CAMs (its pseudo-labels, "unsure" pixels becoming SPML's
 "unlabeled" id), train (SPML, warm-started from the baseline, `train.num_steps`),
-spml_labels (random walk + nearest-prototype propagation -> workdir/spml/pseudo), seg
-(DeepLabV3+ on those labels), evaluate.
+spml_labels (random walk + nearest-prototype propagation -> workdir/spml/pseudo),
+spml_bootstrap (full config only, see below: two softmax classifiers on the frozen embedding
+-> workdir/spml_boot/pseudo), seg (DeepLabV3+ on the last labels), evaluate.
 
 CPU-sized, on the real MSRC photos beside the repository (baseline 120 + SPML 80 = the
 200 train steps of configs/voc/cam.py:runlocal):
@@ -19,8 +20,14 @@ HED contour superpixels instead of SLIC (closer to SPML's HED-owt-ucm; needs
   wsss --config=configs/voc/spml.py:runlocal --config.data.root=../shared/data/msrc21 \
        --config.spml.superpixels.method=hed --workdir=runs/msrc_spml_hed
 
+SPML's two bootstrapped classifiers (stage spml_bootstrap, tags only) make the seg stage's
+labels in the full config; the CPU-sized configs leave them out (`:bootstrap` adds them):
+  wsss --config=configs/voc/spml.py:runlocal,bootstrap --config.data.root=../shared/data/msrc21 \
+       --workdir=runs/msrc_spml_boot
+
 Args: `runlocal`, `backbone`, `weak_label` (tags | points | scribbles | boxes),
-`code_weights` (the released code's lambdas instead of the paper's).
+`code_weights` (the released code's lambdas instead of the paper's), `bootstrap`
+(auto = on for the full config, off for `:runlocal`; or true / false).
 """
 import os
 import sys
@@ -29,15 +36,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 from wsss_jax.methods import spml  # noqa: E402
+from wsss_jax.stages import spml_bootstrap  # noqa: E402
 from wsss_jax.stages import spml_labels  # noqa: E402
 
-TAG_STAGES = "data,baseline,cams,sweep,pseudo,train,spml_labels,seg,evaluate"
+TAG_STAGES = "data,baseline,cams,sweep,pseudo,train,spml_labels,spml_bootstrap,seg,evaluate"
 WEAK_STAGES = "data,train,spml_labels,seg,evaluate"
 
 
 def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
-               spml_steps: int):
-  """Turns a CAM config into the SPML pipeline (shared by the synthetic config)."""
+               spml_steps: int, bootstrap: bool = True):
+  """Turns a CAM config into the SPML pipeline (shared by the synthetic config).
+
+  `bootstrap` (tags only): the spml_bootstrap stage's classifiers make the labels the seg
+  stage trains on; otherwise the seg stage trains on spml_labels' labels.
+  """
   if weak_label not in spml.WEAK_LABELS:
     raise ValueError(f"weak_label={weak_label!r}; expected one of {spml.WEAK_LABELS}")
   c.method = "spml"
@@ -49,9 +61,14 @@ def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
   if int(c.model.output_stride) == 16:
     c.spml.aspp_rates = (3, 6, 9, 12)
   c.spml_labels = spml_labels.default_config()
+  c.spml_bootstrap = spml_bootstrap.default_config()
   c.seg.pseudo_dir = os.path.join(spml_labels.OUT_DIR, "pseudo")
   if weak_label == "tags":
     c.stages = TAG_STAGES
+    if bootstrap:
+      c.seg.pseudo_dir = os.path.join(spml_bootstrap.OUT_DIR, "pseudo")
+    else:
+      c.stages = TAG_STAGES.replace(",spml_bootstrap", "")
     c.baseline.num_steps = cam_steps
     c.train.init_from = "baseline"
     c.cams.variables = "baseline"
@@ -62,9 +79,21 @@ def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
   return c
 
 
+def bootstrap_arg(value: str, runlocal: bool) -> bool:
+  """The `bootstrap` argument: 'auto' (default) = on for the full configs, off for the
+  CPU-sized ones (there it measured worse and costs minutes; README "SPML's bootstrapped
+  classifiers"); `bootstrap` alone or `=true` = on; `=false` = off."""
+  value = value.lower()
+  if value == "auto":
+    return not runlocal
+  if value not in ("", "true", "1", "false", "0"):
+    raise ValueError(f"Config argument 'bootstrap' wants true, false or auto, got {value!r}")
+  return value in ("", "true", "1")
+
+
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, backbone="", weak_label="tags",
-                         code_weights=False)
+                         code_weights=False, bootstrap="auto")
   c = common.load_config(__file__, "cam.py",
                          (f"backbone={arg.backbone}," if arg.backbone else "")
                          + ("runlocal" if arg.runlocal else ""))
@@ -74,13 +103,17 @@ def get_config(arg: str | None = None):
   else:
     cam_steps, spml_steps = total, 30000    # SPML's VOC schedule (METHODS.md §5.4)
   c = spml_setup(c, weak_label=arg.weak_label, code_weights=arg.code_weights,
-                 cam_steps=cam_steps, spml_steps=spml_steps)
+                 cam_steps=cam_steps, spml_steps=spml_steps,
+                 bootstrap=bootstrap_arg(arg.bootstrap, arg.runlocal))
   if arg.runlocal:
     if arg.weak_label == "tags":
       # One random-walk step instead of the reference's 64: an 80-step embedding
       # over-diffuses (README "Why SPML's labels fell below the baseline";
       # `--config.spml_labels.rw_logt=6` restores the reference).
       c.spml_labels.rw_logt = 0
+      # With `:bootstrap`: two 60-step classifier rounds on the frozen embedding
+      # (reference: 4k iterations).
+      c.spml_bootstrap.steps = 60
     c.spml.pixels_per_image = 256    # loss anchors per image (CPU budget); 0 = all
     c.spml.max_segments = 224        # ~130-170 segments per 224 crop on MSRC (measured)
     c.optim.lr = 0.01

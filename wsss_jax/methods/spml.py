@@ -113,6 +113,9 @@ class SPMLNet(nn.Module):
   Call: (images [B, H, W, 3], train) -> {'embedding': [B, h4, w4, D] unit norm,
   'seg_logits': [B, h4, w4, C], 'cams': [B, h4, w4, C-1], 'logits': [B, C-1]} (float32;
   h4 = the backbone's stride-4 size). With `train=True` it needs `rngs={'dropout': key}`.
+  `freeze_embedding`: the backbone runs in inference mode even when `train=True` (its
+  BatchNorm statistics stay fixed), so only the classifier trains (SPML's bootstrapped
+  classifiers on a trained embedding, `stages/spml_bootstrap.py`).
   """
   backbone: nn.Module
   num_classes: int
@@ -121,10 +124,11 @@ class SPMLNet(nn.Module):
   classifier_hidden: int = 128
   classifier_dropout: float = 0.75
   dtype: Any = jnp.float32
+  freeze_embedding: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    feats = self.backbone(images, train=train)
+    feats = self.backbone(images, train=train and not self.freeze_embedding)
     high, low = feats["out"], feats["stride4"]
     emb = None
     for i, r in enumerate(self.aspp_rates):  # ASPP-L: summed atrous branches, no norm
@@ -148,9 +152,9 @@ class SPMLNet(nn.Module):
             "logits": jnp.mean(cams, axis=(1, 2))}
 
 
-def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None
-                ) -> SPMLNet:
-  """SPMLNet from `config.model` and `config.spml`."""
+def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None, *,
+                freeze_embedding: bool = False) -> SPMLNet:
+  """SPMLNet from `config.model` and `config.spml` (`freeze_embedding`: see SPMLNet)."""
   from wsss_jax import models  # Local import: tests pass their own backbone.
   from wsss_jax.models import registry
   if backbone is None:
@@ -161,7 +165,8 @@ def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None
   sc = config.spml
   return SPMLNet(backbone, num_classes, int(sc.embedding_dim),
                  tuple(int(r) for r in sc.aspp_rates), int(sc.classifier_hidden),
-                 float(sc.classifier_dropout), registry.compute_dtype(config.model))
+                 float(sc.classifier_dropout), registry.compute_dtype(config.model),
+                 freeze_embedding)
 
 
 def _global_image_index(ctx: base.StepContext, local_batch: int) -> jax.Array:

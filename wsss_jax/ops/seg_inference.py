@@ -24,6 +24,17 @@ def multiscale_probs(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Ar
   Returns:
     float32 [B, H, W, C] probabilities (mean of the softmaxes of all passes).
   """
+  return _multiscale_mean(logits_fn, images, scales, flip, lambda x: jax.nn.softmax(x, -1))
+
+
+def multiscale_logits(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
+                      scales: Sequence[float], flip: bool) -> jax.Array:
+  """Mean *logits* over scales and flips (SPML's `pseudo_softmax.py` averages logits, then
+  takes one softmax); arguments as `multiscale_probs`. Returns float32 [B, H, W, C]."""
+  return _multiscale_mean(logits_fn, images, scales, flip, lambda x: x)
+
+
+def _multiscale_mean(logits_fn, images, scales, flip, transform):
   b, h, w, _ = images.shape
   total = 0.0
   for s in scales:
@@ -31,9 +42,8 @@ def multiscale_probs(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Ar
     x = images if size == (h, w) else resize.resize_bilinear(images, size)
     if flip:
       x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
-    probs = jax.nn.softmax(resize.resize_bilinear(logits_fn(x).astype(jnp.float32), (h, w)),
-                           axis=-1)
-    total = total + (probs[:b] + probs[b:, :, ::-1] if flip else probs)
+    out = transform(resize.resize_bilinear(logits_fn(x).astype(jnp.float32), (h, w)))
+    total = total + (out[:b] + out[b:, :, ::-1] if flip else out)
   return total / (len(scales) * (2 if flip else 1))
 
 

@@ -31,6 +31,7 @@ STAGE_MODULES = {
     "sweep": "wsss_jax.stages.sweep",
     "pseudo": "wsss_jax.stages.pseudo",
     "spml_labels": "wsss_jax.stages.spml_labels",
+    "spml_bootstrap": "wsss_jax.stages.spml_bootstrap",
     "seg": "wsss_jax.stages.seg",
     "evaluate": "wsss_jax.stages.evaluate",
 }

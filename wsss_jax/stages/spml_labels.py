@@ -23,8 +23,9 @@ SPML embedding (`workdir/train`):
    (`nn_crf`), argmax.
 
 Scale 1 + flip only (the reference uses 0.5-2 and sliding windows: CPU budget). The
-reference then trains two bootstrapped softmax classifiers on these labels; here the
-shared `seg` stage trains the segmentation model on them instead
+reference then trains two bootstrapped softmax classifiers on these labels: the
+`spml_bootstrap` stage (`stages/spml_bootstrap.py`, in the full configs), whose labels the
+`seg` stage then trains on; without it the `seg` stage trains on these labels
 (`--config.seg.pseudo_dir=spml/pseudo`). SPML's own jointly trained classifier is scored
 on `data.val_split` directly (`spml_classifier_miou`, scale 1 + flip, no CRF).
 
@@ -62,6 +63,7 @@ from wsss_jax.train import mesh as mesh_lib
 
 OUT_DIR = "spml"          # labels in workdir/spml/pseudo/<id>.png (pseudo-stage layout)
 PROPAGATIONS = ("nn", "rw")
+SCORE_SOURCES = ("cams", "softmax", "bootstrap")
 
 
 def default_config() -> mlc.ConfigDict:
@@ -194,9 +196,32 @@ def _propagation(config: mlc.ConfigDict) -> str:
   return mode
 
 
+def bootstrap_scores(logits: jax.Array, valid: jax.Array, present: jax.Array) -> jax.Array:
+  """Class scores of a bootstrapped classifier (the reference's `pseudo_softmax.py`).
+
+  Args:
+    logits: float [B, H, W, C] classifier logits (already averaged over scales/flips).
+    valid: bool [B, H, W] image pixels (not padding).
+    present: bool [B, C] background + the image's tags.
+
+  Returns:
+    float32 [B, H, W, C]: softmax divided by each class's maximum over the valid pixels;
+    classes absent from the tags are 0.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  peak = jnp.max(jnp.where(valid[..., None], probs, 0.0), axis=(1, 2), keepdims=True)
+  return jnp.where(present[:, None, None, :], probs / jnp.maximum(peak, 1e-5), 0.0)
+
+
 def _first_pass_fn(config: mlc.ConfigDict, model: Any, num_classes: int, bg: float,
-                   use_cams: bool):
-  """(variables, batch) -> cam_rw labels, cluster ids, prototypes and their labels."""
+                   score_source: str, logt: int, scales: tuple[float, ...] = (1.0,)):
+  """(variables, batch) -> cam_rw labels, cluster ids, prototypes and their labels.
+
+  `score_source` (SCORE_SOURCES): 'cams' = the batch's CAMs with a constant background `bg`;
+  'softmax' = the SPML classifier's softmax (scale 1, flip-averaged); 'bootstrap' =
+  `bootstrap_scores` of the classifier's logits averaged over `scales` (+ flip). The walk
+  has 2^`logt` steps.
+  """
   lc = config.spml_labels
   grid, r = int(lc.nn_grid), min(int(lc.max_classes), num_classes)
 
@@ -208,15 +233,19 @@ def _first_pass_fn(config: mlc.ConfigDict, model: Any, num_classes: int, bg: flo
     emb = out["embedding"]
     views = [emb[:b]] + ([emb[b:, :, ::-1]] if lc.flip else [])
     present = jnp.concatenate([jnp.ones((b, 1)), batch["labels"]], axis=-1) > 0.5
-    if use_cams:
+    if score_source == "cams":
       scores = jnp.concatenate([jnp.full(batch["cams"].shape[:3] + (1,), bg),
-                                batch["cams"]], axis=-1)
-    else:
+                                 batch["cams"]], axis=-1)
+    elif score_source == "softmax":
       logits = out["seg_logits"]
-      probs = jax.nn.softmax(logits[:b], -1)
+      scores = jax.nn.softmax(logits[:b], -1)
       if lc.flip:
-        probs = 0.5 * (probs + jax.nn.softmax(logits[b:, :, ::-1], -1))
-      scores = probs
+        scores = 0.5 * (scores + jax.nn.softmax(logits[b:, :, ::-1], -1))
+    else:
+      logits = seg_inference.multiscale_logits(
+          lambda y: inference.forward(model, variables, y)["seg_logits"], images, scales,
+          bool(lc.flip))
+      scores = bootstrap_scores(logits, valid, present)
     # Random walk on the R most relevant classes (the present ones first).
     _, cls = jax.lax.top_k(present.astype(jnp.float32) + 1e-3 * jnp.arange(
         num_classes, 0, -1), r)
@@ -229,7 +258,7 @@ def _first_pass_fn(config: mlc.ConfigDict, model: Any, num_classes: int, bg: flo
                      for e in views]).reshape(len(views), b, hr * wr, -1)
     v_r = resize.resize_nearest(valid, (hr, wr)).reshape(b, -1)
     walked = random_walk(sel.reshape(b, hr * wr, r), e_r, v_r, scale=float(lc.rw_scale),
-                         beta=float(lc.rw_beta), logt=int(lc.rw_logt))
+                         beta=float(lc.rw_beta), logt=logt)
     full = jnp.full((b, hr * wr, num_classes), -1.0).at[
         jnp.arange(b)[:, None, None], jnp.arange(hr * wr)[None, :, None],
         cls[:, None, :]].set(walked)
@@ -303,18 +332,24 @@ def _nn_fn(config: mlc.ConfigDict, num_classes: int):
   return fn
 
 
-def _write(out_root: str, image_id: str, label: np.ndarray) -> None:
+def write_label(out_root: str, image_id: str, label: np.ndarray) -> None:
+  """Writes `label` [H, W] (class ids) to `out_root/pseudo/<id>.png`, atomically."""
   with wd.atomic_path(pseudo_stage.label_path(out_root, image_id)) as tmp:
     palette.save_palette_png(tmp, label.astype(np.uint8))
 
 
 def classifier_miou(config: mlc.ConfigDict, model: Any, variables: Any, mesh: Any,
-                    num_classes: int) -> float:
-  """mIoU of SPML's own softmax classifier on `data.val_split` (scale 1 + flip)."""
+                    num_classes: int, scales: tuple[float, ...] = (1.0,),
+                    crf: bool = False) -> float:
+  """mIoU of an SPML softmax classifier on `data.val_split`: softmax averaged over
+  `scales` (+ flip when `spml_labels.flip`), optional DeepLab CRF; no tags are used."""
   def fn(variables, batch):
     probs = seg_inference.multiscale_probs(
         lambda x: inference.forward(model, variables, x)["seg_logits"], batch["image"],
-        (1.0,), bool(config.spml_labels.flip))
+        scales, bool(config.spml_labels.flip))
+    if crf:
+      probs = seg_inference.crf_refine_probs(
+          probs, jnp.clip(_denorm(batch["image"]), 0, 255), batch["valid"])
     return {"pred": jnp.argmax(probs, -1).astype(jnp.int32)}
 
   conf = np.zeros((num_classes, num_classes), np.int64)
@@ -323,6 +358,62 @@ def classifier_miou(config: mlc.ConfigDict, model: Any, variables: Any, mesh: An
     h, w = record["mask"].shape
     conf += metrics.confusion_matrix_np(record["mask"], out["pred"][:h, :w], num_classes)
   return float(metrics.iou_from_confusion_np(conf)[1])
+
+
+def propagate(config: mlc.ConfigDict, workdir: str, model: Any, variables: Any, mesh: Any,
+              out_root: str, *, score_source: str, logt: int, bg: float = 0.0,
+              scales: tuple[float, ...] = (1.0,)) -> float:
+  """Steps 1-2 of the module docstring over the train and sweep splits.
+
+  Writes `out_root/pseudo/<id>.png` (nearest-prototype labels, or the random walk's when
+  the propagation is 'rw'); returns the random-walk labels' mIoU on the sweep split.
+  `score_source`, `logt`, `scales`: see `_first_pass_fn` ('cams' reads `workdir/cams`).
+  """
+  if score_source not in SCORE_SOURCES:
+    raise ValueError(f"score_source={score_source!r}; expected one of {SCORE_SOURCES}")
+  c = sources.get_meta(config.data).num_classes
+  mode = _propagation(config)
+  first = _first_pass_fn(config, model, c, bg, score_source, logt, scales)
+  splits = list(dict.fromkeys([config.data.train_split, config.data.sweep_split]))
+  cache: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+  rw_conf = np.zeros((c, c), np.int64)
+  for split in splits:
+    add = (functools.partial(pseudo_stage.dense_cams_batch,
+                             cam_dir=cam_store.split_dir(workdir, split), num_fg=c - 1)
+           if score_source == "cams" else None)
+    cache[split] = {}
+    for record, out in inference.predict_split(config, split, first, mesh,
+                                               variables=variables, add_inputs=add):
+      h, w = record["mask"].shape
+      rw = out.pop("rw_label")[:h, :w]
+      if split == config.data.sweep_split:
+        rw_conf += metrics.confusion_matrix_np(record["mask"], rw, c)
+      if mode == "rw":
+        write_label(out_root, record["id"], rw)
+      else:
+        cache[split][record["id"]] = out
+  if mode == "nn":
+    train = cache[config.data.train_split]
+    memory = {"features": np.concatenate([o["protos"] for o in train.values()]),
+              "labels": np.concatenate([o["proto_label"] for o in train.values()]),
+              "valid": np.concatenate([o["proto_valid"] for o in train.values()])}
+    nn = _nn_fn(config, c)
+    for split in splits:
+      def add(batch, split=split):
+        keys = ("ids", "protos", "proto_valid")
+        ref = next(iter(cache[split].values()))
+        out = {k: np.zeros((len(batch["id"]),) + ref[k].shape, ref[k].dtype) for k in keys}
+        for j, image_id in enumerate(batch["id"]):
+          if str(image_id) in cache[split]:
+            for k in keys:
+              out[k][j] = cache[split][str(image_id)][k]
+        out["ids"] = np.where(np.asarray(batch["index"])[:, None, None] >= 0, out["ids"], -1)
+        return out
+      for record, out in inference.predict_split(config, split, nn, mesh, variables=memory,
+                                                 add_inputs=add):
+        h, w = record["mask"].shape
+        write_label(out_root, record["id"], out["label"][:h, :w])
+  return float(metrics.iou_from_confusion_np(rw_conf)[1])
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -346,47 +437,10 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   variables = inference.load_variables(
       os.path.join(workdir, "train", inference.VARIABLES_FILE))
   mesh = mesh_lib.make_mesh(config.mesh)
-  first = _first_pass_fn(config, model, c, bg, use_cams)
-  splits = list(dict.fromkeys([config.data.train_split, config.data.sweep_split]))
-  cache: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-  rw_conf = np.zeros((c, c), np.int64)
-  for split in splits:
-    add = (functools.partial(pseudo_stage.dense_cams_batch,
-                             cam_dir=cam_store.split_dir(workdir, split), num_fg=c - 1)
-           if use_cams else None)
-    cache[split] = {}
-    for record, out in inference.predict_split(config, split, first, mesh,
-                                               variables=variables, add_inputs=add):
-      h, w = record["mask"].shape
-      rw = out.pop("rw_label")[:h, :w]
-      if split == config.data.sweep_split:
-        rw_conf += metrics.confusion_matrix_np(record["mask"], rw, c)
-      if mode == "rw":
-        _write(out_root, record["id"], rw)
-      else:
-        cache[split][record["id"]] = out
-  scores = {"spml_rw_miou": float(metrics.iou_from_confusion_np(rw_conf)[1])}
-  if mode == "nn":
-    train = cache[config.data.train_split]
-    memory = {"features": np.concatenate([o["protos"] for o in train.values()]),
-              "labels": np.concatenate([o["proto_label"] for o in train.values()]),
-              "valid": np.concatenate([o["proto_valid"] for o in train.values()])}
-    nn = _nn_fn(config, c)
-    for split in splits:
-      def add(batch, split=split):
-        keys = ("ids", "protos", "proto_valid")
-        ref = next(iter(cache[split].values()))
-        out = {k: np.zeros((len(batch["id"]),) + ref[k].shape, ref[k].dtype) for k in keys}
-        for j, image_id in enumerate(batch["id"]):
-          if str(image_id) in cache[split]:
-            for k in keys:
-              out[k][j] = cache[split][str(image_id)][k]
-        out["ids"] = np.where(np.asarray(batch["index"])[:, None, None] >= 0, out["ids"], -1)
-        return out
-      for record, out in inference.predict_split(config, split, nn, mesh, variables=memory,
-                                                 add_inputs=add):
-        h, w = record["mask"].shape
-        _write(out_root, record["id"], out["label"][:h, :w])
+  scores = {"spml_rw_miou": propagate(
+      config, workdir, model, variables, mesh, out_root,
+      score_source="cams" if use_cams else "softmax", logt=int(config.spml_labels.rw_logt),
+      bg=bg)}
   scored = pseudo_stage.score(config, out_root, config.data.sweep_split)
   scores.update({f"spml_{k}": v for k, v in scored.items()})
   if config.spml_labels.eval_classifier:
