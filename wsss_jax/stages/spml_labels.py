@@ -242,6 +242,8 @@ def _first_pass_fn(config: mlc.ConfigDict, model: Any, num_classes: int, bg: flo
       if lc.flip:
         scores = 0.5 * (scores + jax.nn.softmax(logits[b:, :, ::-1], -1))
     else:
+      # Its scale-1 pass repeats the forward above on the same input; XLA's CSE merges
+      # the two inside this one jitted function.
       logits = seg_inference.multiscale_logits(
           lambda y: inference.forward(model, variables, y)["seg_logits"], images, scales,
           bool(lc.flip))
