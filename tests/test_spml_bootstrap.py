@@ -45,7 +45,7 @@ def test_bootstrap_scores_hand_case():
   want = np.stack([probs[:, 0] / bg_max, probs[:, 1] / c1_max, np.zeros(3)], -1)
   np.testing.assert_allclose(got[0, 0], want, rtol=1e-5)
   assert got[0, 0, 1, 0] == pytest.approx(1.0)       # the bg peak is pixel 1 (2 vs 0, 1)
-  assert got[0, 0, 0, 1] == pytest.approx(1.0)       # class 1 peaks at pixel 0: 1/3 > e^0/..
+  assert got[0, 0, 0, 1] == pytest.approx(1.0)       # class 1 peaks at pixel 0: 1/3 > 1/(e^2+1+e)
 
 
 def test_multiscale_logits_average_logits_not_probabilities():
@@ -134,8 +134,6 @@ TINY = [
     "--config.spml_bootstrap.final_scales=(0.75,1.0)",
     "--config.stages=data,baseline,cams,sweep,pseudo,train,spml_labels,spml_bootstrap",
 ]
-SYNTHETIC_CLASSES = 11
-
 
 def _wsss(workdir, cache, *extra):
   env = {**os.environ, "WSSS_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
