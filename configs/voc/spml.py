@@ -79,13 +79,13 @@ def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
   return c
 
 
-def bootstrap_arg(value: str, runlocal: bool) -> bool:
+def bootstrap_arg(value: str, cpu_sized: bool) -> bool:
   """The `bootstrap` argument: 'auto' (default) = on for the full configs, off for the
   CPU-sized ones (there it measured worse and costs minutes; README "SPML's bootstrapped
   classifiers"); `bootstrap` alone or `=true` = on; `=false` = off."""
   value = value.lower()
   if value == "auto":
-    return not runlocal
+    return not cpu_sized
   if value not in ("", "true", "1", "false", "0"):
     raise ValueError(f"Config argument 'bootstrap' wants true, false or auto, got {value!r}")
   return value in ("", "true", "1")

@@ -41,7 +41,6 @@ import ml_collections as mlc
 
 from wsss_jax import fs
 from wsss_jax.data import sources
-from wsss_jax.data import transforms
 from wsss_jax.methods import seg as seg_method
 from wsss_jax.methods import spml
 from wsss_jax.ops import seg_inference
@@ -123,12 +122,10 @@ def _tagged_labels_fn(config: mlc.ConfigDict, model: Any):
     probs = seg_inference.multiscale_probs(
         lambda x: inference.forward(model, variables, x)["seg_logits"], images,
         tuple(bc.final_scales), flip)
-    present = jnp.concatenate([jnp.ones((images.shape[0], 1)), batch["labels"]], -1) > 0.5
+    present = spml_labels.present_classes(batch["labels"])
     probs = jnp.where(present[:, None, None, :], probs, 0.0)
-    probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-6)
     if bc.final_crf:
-      probs = seg_inference.crf_refine_probs(
-          probs, jnp.clip(transforms.denormalize(images, as_uint8=False), 0, 255), valid)
+      probs = spml_labels.crf_probs(probs, images, valid)
       probs = jnp.where(present[:, None, None, :], probs, -1.0)
     return {"label": jnp.argmax(probs, -1).astype(jnp.int32)}
 

@@ -232,7 +232,7 @@ def _first_pass_fn(config: mlc.ConfigDict, model: Any, num_classes: int, bg: flo
     out = inference.forward(model, variables, x)
     emb = out["embedding"]
     views = [emb[:b]] + ([emb[b:, :, ::-1]] if lc.flip else [])
-    present = jnp.concatenate([jnp.ones((b, 1)), batch["labels"]], axis=-1) > 0.5
+    present = present_classes(batch["labels"])
     if score_source == "cams":
       scores = jnp.concatenate([jnp.full(batch["cams"].shape[:3] + (1,), bg),
                                  batch["cams"]], axis=-1)
@@ -267,10 +267,7 @@ def _first_pass_fn(config: mlc.ConfigDict, model: Any, num_classes: int, bg: flo
     full = jnp.where(present[:, None, :], full, -1.0)
     up = resize.resize_bilinear(full.reshape(b, hr, wr, num_classes), (p, p))
     if lc.rw_crf:
-      prob = jnp.maximum(up, 0.0) * present[:, None, None, :]
-      prob = prob / jnp.maximum(jnp.sum(prob, -1, keepdims=True), 1e-6)
-      images255 = jnp.clip(_denorm(images), 0, 255)
-      up = seg_inference.crf_refine_probs(prob, images255, valid)
+      up = crf_probs(jnp.maximum(up, 0.0) * present[:, None, None, :], images, valid)
       up = jnp.where(present[:, None, None, :], up, -1.0)
     rw_label = jnp.argmax(up, axis=-1).astype(jnp.int32)
     # Clusters and their prototypes (memory for the nearest-neighbour step).
@@ -299,8 +296,17 @@ def _first_pass_fn(config: mlc.ConfigDict, model: Any, num_classes: int, bg: flo
   return fn
 
 
-def _denorm(images: jax.Array) -> jax.Array:
-  return transforms.denormalize(images, as_uint8=False)
+def present_classes(labels: jax.Array) -> jax.Array:
+  """bool [B, C]: background (always) + the image tags `labels` [B, C-1] (0/1)."""
+  return jnp.concatenate([jnp.ones((labels.shape[0], 1)), labels], axis=-1) > 0.5
+
+
+def crf_probs(scores: jax.Array, images: jax.Array, valid: jax.Array) -> jax.Array:
+  """DeepLab CRF marginals [B, H, W, C] of non-negative `scores` [B, H, W, C] (normalised
+  per pixel here) on the normalised `images` [B, H, W, 3]; `valid` [B, H, W] bool."""
+  prob = scores / jnp.maximum(jnp.sum(scores, -1, keepdims=True), 1e-6)
+  images255 = jnp.clip(transforms.denormalize(images, as_uint8=False), 0, 255)
+  return seg_inference.crf_refine_probs(prob, images255, valid)
 
 
 def _nn_fn(config: mlc.ConfigDict, num_classes: int):
@@ -318,15 +324,14 @@ def _nn_fn(config: mlc.ConfigDict, num_classes: int):
     pix = jnp.where((ids >= 0).reshape(b, -1, 1), pix, 0.0)
     pix = pix.reshape(ids.shape + (num_classes,))
     up = resize.resize_bilinear(pix, (p, p))
-    present = jnp.concatenate([jnp.ones((b, 1)), batch["labels"]], axis=-1) > 0.5
+    present = present_classes(batch["labels"])
     peak = jnp.max(jnp.where(valid[..., None], up, 0.0), axis=(1, 2), keepdims=True)
     up = jnp.where(present[:, None, None, :], up / jnp.maximum(peak, float(lc.nn_min_norm)),
                    up)
     if lc.nn_mask_absent:
       up = jnp.where(present[:, None, None, :], up, 0.0)
     if lc.nn_crf:
-      prob = up / jnp.maximum(jnp.sum(up, -1, keepdims=True), 1e-6)
-      up = seg_inference.crf_refine_probs(prob, jnp.clip(_denorm(images), 0, 255), valid)
+      up = crf_probs(up, images, valid)
       if lc.nn_mask_absent:
         up = jnp.where(present[:, None, None, :], up, -1.0)
     return {"label": jnp.argmax(up, axis=-1).astype(jnp.int32)}
@@ -350,8 +355,7 @@ def classifier_miou(config: mlc.ConfigDict, model: Any, variables: Any, mesh: An
         lambda x: inference.forward(model, variables, x)["seg_logits"], batch["image"],
         scales, bool(config.spml_labels.flip))
     if crf:
-      probs = seg_inference.crf_refine_probs(
-          probs, jnp.clip(_denorm(batch["image"]), 0, 255), batch["valid"])
+      probs = crf_probs(probs, batch["image"], batch["valid"])
     return {"pred": jnp.argmax(probs, -1).astype(jnp.int32)}
 
   conf = np.zeros((num_classes, num_classes), np.int64)
