@@ -144,6 +144,11 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       frozen_bn=False,
       pool="gap",               # gap | tap
       dtype="float32",          # compute dtype: float32 | bfloat16
+      # How layers are lowered (models/lowering.py): auto = the fast form on CPU
+      # (shift-sum depthwise, 1x1 as matmul, shift max pool), XLA's ops elsewhere.
+      depthwise_impl="auto",    # auto | shift | grouped
+      pointwise_impl="auto",    # auto | dot | conv
+      maxpool_impl="auto",      # auto | shift | window (ResNet stem)
   ))
   c.train = mlc.ConfigDict(dict(
       num_steps=150 if runlocal else 8000, log_every=10 if runlocal else 50,

@@ -36,11 +36,12 @@ def test_default_config_passes(tmp_path):
 def test_bad_enumerations_are_all_listed(tmp_path):
   msg = _problems(_config(**{"method": "foo", "pseudo.mode": "fancy", "optim.name": "adam",
                              "optim.schedule": "step", "model.dtype": "int8",
-                             "seg.pseudo_source": "oracle", "model.backbone": "vgg"}),
+                             "seg.pseudo_source": "oracle", "model.backbone": "vgg",
+                             "model.pointwise_impl": "matmul"}),
                   tmp_path)
   for phrase in ("method='foo'", "pseudo.mode='fancy'", "optim.name='adam'",
                  "optim.schedule='step'", "model.dtype", "seg.pseudo_source='oracle'",
-                 "model.backbone='vgg'", "7 problems"):
+                 "model.backbone='vgg'", "model.pointwise_impl='matmul'", "8 problems"):
     assert phrase in msg, (phrase, msg)
 
 

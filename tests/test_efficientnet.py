@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from wsss_jax.models import efficientnet_lite, weights
-from wsss_jax.models.efficientnet_lite import EfficientNetLite, depthwise_conv
+from wsss_jax.models.lowering import depthwise_conv
+from wsss_jax.models.efficientnet_lite import EfficientNetLite
 from wsss_jax.models.torch_pickle import load_torch_file
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)

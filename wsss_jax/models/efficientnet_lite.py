@@ -11,10 +11,12 @@ depthwise convs instead (first block of the stage: the previous dilation, later 
 doubled), the torchvision/timm convention.
 
 Depthwise convs run either as a grouped `lax.conv_general_dilated` (`'grouped'`) or as a sum
-of k*k shifted, strided slices times per-channel weights (`'shift'`): identical outputs; on
-XLA:CPU the shift form is several times faster (Lite0, 224^2, batch 8, OS16: ~4.7x forward,
-~3x forward+backward; WEIGHTS.md). `'auto'` picks shift on CPU, grouped elsewhere (measure
-on GPU/TPU before relying on either).
+of k*k shifted, strided slices times per-channel weights (`'shift'`), and 1x1 convs either as
+XLA convolutions (`'conv'`) or as matmuls (`'dot'`): identical outputs; on XLA:CPU the shift
+form is several times faster (Lite0, 224^2, batch 8, OS16: ~4.7x forward, ~3x
+forward+backward; WEIGHTS.md), and so is the weight gradient of the dot form
+(`models/lowering.py`). `'auto'` picks shift and dot on CPU, XLA's convolutions
+elsewhere (measure on GPU/TPU before relying on either).
 
 CAM features: `out` is the 1280-ch head conv (+BN+ReLU6) output, the map the ImageNet
 classifier pools, at stride `output_stride`; `include_head=False` uses the last block's
@@ -29,7 +31,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from wsss_jax.models.lowering import conv_general_dilated_fn, depthwise_conv
 
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-B0/Lite0.
 _BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
@@ -72,56 +75,6 @@ def lite_stages(variant: str) -> list[StageSpec]:
   return stages
 
 
-def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
-  """TF 'SAME' padding (extra pixel after), as `lax` computes for padding='SAME'."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-  return total // 2, total - total // 2
-
-
-def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, dilation: int = 1,
-                   impl: str = "auto") -> jax.Array:
-  """Depthwise conv with TF 'SAME' padding.
-
-  Args:
-    x: [B, H, W, C].
-    kernel: [k, k, 1, C] (HWIO with feature groups = C).
-    stride: spatial stride.
-    dilation: kernel dilation.
-    impl: 'shift' (sum of shifted slices), 'grouped' (lax grouped conv) or 'auto'
-      (shift on CPU, grouped elsewhere).
-
-  Returns:
-    [B, ceil(H/stride), ceil(W/stride), C].
-  """
-  if impl == "auto":
-    impl = "shift" if jax.default_backend() == "cpu" else "grouped"
-  kh, kw, _, c = kernel.shape
-  pads = (same_pads(x.shape[1], kh, stride, dilation),
-          same_pads(x.shape[2], kw, stride, dilation))
-  if impl == "grouped":
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=(stride, stride), padding=pads,
-        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=c)
-  if impl != "shift":
-    raise ValueError(f"depthwise impl must be shift|grouped|auto, got {impl!r}")
-  b = x.shape[0]
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  ho = (xp.shape[1] - (kh - 1) * dilation - 1) // stride + 1
-  wo = (xp.shape[2] - (kw - 1) * dilation - 1) // stride + 1
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      y0, x0 = i * dilation, j * dilation
-      tap = lax.slice(xp, (0, y0, x0, 0),
-                      (b, y0 + (ho - 1) * stride + 1, x0 + (wo - 1) * stride + 1, c),
-                      (1, stride, stride, 1))
-      term = tap * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
-
-
 class DepthwiseConv(nn.Module):
   """Depthwise k*k conv, no bias; param `kernel` [k, k, 1, C] like a grouped `nn.Conv`."""
   kernel_size: int
@@ -147,13 +100,16 @@ class MBConv(nn.Module):
   dilation: int
   frozen_bn: bool = False
   depthwise_impl: str = "auto"
+  pointwise_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = lambda name: nn.BatchNorm(use_running_average=not train or self.frozen_bn,
                                    momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
-    conv1x1 = lambda f, name: nn.Conv(f, (1, 1), use_bias=False, dtype=self.dtype, name=name)
+    conv1x1 = lambda f, name: nn.Conv(
+        f, (1, 1), use_bias=False, dtype=self.dtype, name=name,
+        conv_general_dilated=conv_general_dilated_fn(self.pointwise_impl))
     inputs = h = x.astype(self.dtype)
     if self.spec.expand != 1:
       h = nn.relu6(bn("expand_bn")(conv1x1(self.in_filters * self.spec.expand,
@@ -175,6 +131,7 @@ class EfficientNetLite(nn.Module):
     output_stride: 32, 16 or 8.
     frozen_bn: always use the running BN statistics (train flag ignored for BN).
     depthwise_impl: 'shift' | 'grouped' | 'auto'.
+    pointwise_impl: 'dot' | 'conv' | 'auto' (1x1 convs).
     include_head: compute the 1280-ch head conv; `out` is its output if True.
     num_classes: > 0 adds the ImageNet classifier `classifier` (GAP -> Dense) -> `logits`.
     dtype: compute dtype (params stay float32).
@@ -187,6 +144,7 @@ class EfficientNetLite(nn.Module):
   output_stride: int = 32
   frozen_bn: bool = False
   depthwise_impl: str = "auto"
+  pointwise_impl: str = "auto"
   include_head: bool = True
   num_classes: int = 0
   dtype: Any = jnp.float32
@@ -211,12 +169,14 @@ class EfficientNetLite(nn.Module):
           else:  # Dilate instead: this block keeps the old dilation, later ones double it.
             dilation *= 2
         x = MBConv(spec, spec.in_filters if j == 0 else spec.out_filters, block_stride,
-                   block_dilation, self.frozen_bn, self.depthwise_impl, self.dtype,
+                   block_dilation, self.frozen_bn, self.depthwise_impl,
+                   self.pointwise_impl, self.dtype,
                    name=f"stage{s}_{j}")(x, train)
         stride *= block_stride
         feats[f"stride{stride}"] = x
     if self.include_head:
-      x = nn.Conv(HEAD_FILTERS, (1, 1), use_bias=False, dtype=self.dtype, name="head_conv")(x)
+      x = nn.Conv(HEAD_FILTERS, (1, 1), use_bias=False, dtype=self.dtype, name="head_conv",
+                  conv_general_dilated=conv_general_dilated_fn(self.pointwise_impl))(x)
       x = nn.relu6(bn("head_bn")(x))
     feats["out"] = x
     if self.num_classes:

@@ -12,7 +12,8 @@ take normalised float32 NHWC images and `train`; with `train=True` the DeepLab m
 `rngs={'dropout': key}` and BN layers need `mutable=['batch_stats']` (unless frozen).
 
 `config.model` keys read: backbone, pretrained, weights_path, output_stride, norm,
-frozen_bn, pool, dtype; optional: depthwise_impl ('auto'), num_groups (4),
+frozen_bn, pool, dtype; optional: depthwise_impl, pointwise_impl, maxpool_impl ('auto'; all
+in `models/lowering.py`), num_groups (4),
 tap_threshold (0.1).
 """
 from __future__ import annotations
@@ -58,13 +59,15 @@ def build_backbone(model_cfg: Any, include_head: bool = True) -> nn.Module:
   name = _cfg(model_cfg, "backbone")
   common = dict(output_stride=int(_cfg(model_cfg, "output_stride", 16)),
                 frozen_bn=bool(_cfg(model_cfg, "frozen_bn", False)),
+                pointwise_impl=_cfg(model_cfg, "pointwise_impl", "auto"),
                 dtype=compute_dtype(model_cfg))
   if name in BACKBONES and name.startswith("efficientnet_"):
     return EfficientNetLite(variant=name[len("efficientnet_"):],
                             depthwise_impl=_cfg(model_cfg, "depthwise_impl", "auto"),
                             include_head=include_head, **common)
   if name in BACKBONES and name.startswith("resnet"):
-    return ResNet(depth=int(name[len("resnet"):]), **common)
+    return ResNet(depth=int(name[len("resnet"):]),
+                  maxpool_impl=_cfg(model_cfg, "maxpool_impl", "auto"), **common)
   raise ValueError(f"Unknown model.backbone {name!r}; choose from {list(BACKBONES)}")
 
 

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.models.lowering import conv_general_dilated_fn, max_pool
+
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _PLANES = (64, 128, 256, 512)
 _EXPANSION = 4
@@ -29,13 +31,13 @@ def _bn(train: bool, frozen: bool, dtype: Any, name: str) -> nn.BatchNorm:
 
 
 def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, dtype: Any,
-          name: str) -> nn.Conv:
+          pointwise_impl: str, name: str) -> nn.Conv:
   pad = dilation * (kernel - 1) // 2  # PyTorch-style symmetric padding.
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
                  use_bias=False, dtype=dtype,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                 name=name)
+                 conv_general_dilated=conv_general_dilated_fn(pointwise_impl), name=name)
 
 
 class Bottleneck(nn.Module):
@@ -45,11 +47,12 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   downsample: bool = False
   frozen_bn: bool = False
+  pointwise_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype)
+    kw = dict(dtype=self.dtype, pointwise_impl=self.pointwise_impl)
     bn = lambda name: _bn(train, self.frozen_bn, self.dtype, name)
     h = nn.relu(bn("bn1")(_conv(self.planes, 1, name="conv1", **kw)(x)))
     h = _conv(self.planes, 3, self.stride, self.dilation, name="conv2", **kw)(h)
@@ -69,6 +72,9 @@ class ResNet(nn.Module):
     output_stride: 32, 16 or 8.
     frozen_bn: always use the running BN statistics (train flag ignored for BN).
     num_classes: > 0 adds the ImageNet classifier `fc` (GAP -> Dense) -> `logits`.
+    pointwise_impl: 1x1 convs as 'dot' (matmuls), 'conv' or 'auto' (dot on CPU;
+      `models/lowering.py`).
+    maxpool_impl: the stem's max pool as 'shift', 'window' or 'auto' (shift on CPU).
     dtype: compute dtype (params stay float32).
 
   Call: `(x [B, H, W, 3] normalised, train) -> dict` with `layer1..layer4`, `stride{s}`
@@ -79,6 +85,8 @@ class ResNet(nn.Module):
   output_stride: int = 16
   frozen_bn: bool = False
   num_classes: int = 0
+  pointwise_impl: str = "auto"
+  maxpool_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -88,9 +96,9 @@ class ResNet(nn.Module):
     if self.output_stride not in (8, 16, 32):
       raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
     x = x.astype(self.dtype)
-    x = _conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
+    x = _conv(64, 7, 2, dtype=self.dtype, pointwise_impl=self.pointwise_impl, name="conv1")(x)
     x = nn.relu(_bn(train, self.frozen_bn, self.dtype, "bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3, 2, 1, self.maxpool_impl)
     feats, stride, dilation, in_ch = {}, 4, 1, 64
     for i, (blocks, planes) in enumerate(zip(RESNET_LAYERS[self.depth], _PLANES)):
       layer_stride, first_dilation = (1 if i == 0 else 2), dilation
@@ -102,7 +110,8 @@ class ResNet(nn.Module):
             planes, stride=layer_stride if first else 1,
             dilation=first_dilation if first else dilation,
             downsample=first and (layer_stride != 1 or in_ch != planes * _EXPANSION),
-            frozen_bn=self.frozen_bn, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+            frozen_bn=self.frozen_bn, pointwise_impl=self.pointwise_impl, dtype=self.dtype,
+            name=f"layer{i + 1}_{j}")(x, train)
         in_ch = planes * _EXPANSION
       stride *= layer_stride
       feats[f"layer{i + 1}"] = feats[f"stride{stride}"] = x

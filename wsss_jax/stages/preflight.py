@@ -5,6 +5,7 @@ are validated (`runner.validate`) and before a dataset is built or a model compi
 collects every problem and raises one `ConfigError` listing them, each naming its key:
 
 - enumerations: `method`, `model.backbone`, `model.dtype`, `model.norm`, `model.pool`,
+  `model.{depthwise,pointwise,maxpool}_impl`,
   `optim.name`, `optim.schedule`, `mesh.step_impl`, `pseudo.mode`, `pseudo.crf`,
   `seg.pseudo_source`, `cams.variables`, `spml.superpixels.method` (for 'hed': its weights
   file and h5py are installed);
@@ -60,7 +61,7 @@ def _get(config: mlc.ConfigDict, dotted: str, default: Any = None) -> Any:
 def _enum_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
   # Imported here: the registries pull in models and methods, which `--help` need not load.
   from wsss_jax import methods  # pylint: disable=g-import-not-at-top
-  from wsss_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from wsss_jax.models import lowering, registry  # pylint: disable=g-import-not-at-top
   from wsss_jax.ops import pseudo_labels  # pylint: disable=g-import-not-at-top
   from wsss_jax.stages import cams, pseudo, seg  # pylint: disable=g-import-not-at-top
   from wsss_jax.train import optim  # pylint: disable=g-import-not-at-top
@@ -70,6 +71,9 @@ def _enum_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
       ("model.backbone", registry.BACKBONES, True),
       ("model.norm", NORMS, True),
       ("model.pool", POOLS, True),
+      ("model.depthwise_impl", lowering.DEPTHWISE_IMPLS, True),
+      ("model.pointwise_impl", lowering.POINTWISE_IMPLS, True),
+      ("model.maxpool_impl", lowering.MAXPOOL_IMPLS, True),
       ("optim.name", OPTIMIZERS, True),
       ("mesh.step_impl", STEP_IMPLS, True),
       ("cams.variables", cams.CAM_VARIABLES, "cams" in stages),
