@@ -145,7 +145,7 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       pool="gap",               # gap | tap
       dtype="float32",          # compute dtype: float32 | bfloat16
       # How layers are lowered (models/lowering.py): auto = the fast form on CPU
-      # (shift-sum depthwise, 1x1 as matmul, shift max pool), XLA's ops elsewhere.
+      # (shift-sum depthwise, 1x1 as matmul), XLA's ops elsewhere and for the max pool.
       depthwise_impl="auto",    # auto | shift | grouped
       pointwise_impl="auto",    # auto | dot | conv
       maxpool_impl="auto",      # auto | shift | window (ResNet stem)

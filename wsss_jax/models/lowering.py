@@ -1,7 +1,7 @@
 """Layer formulations that XLA:CPU runs fast; outputs equal XLA's own ops.
 
-Three ops are slow on XLA:CPU (2-core CPU, ResNet-50 / Lite0 shapes, 2026-11-22;
-BENCHMARKS.md):
+Three ops are slow on XLA:CPU when timed alone (2-core CPU, ResNet-50 / Lite0 shapes,
+2026-11-22; BENCHMARKS.md):
 
 - grouped (depthwise) convolutions, forward and backward;
 - the weight gradient of a 1x1 convolution. Autodiff emits it as a convolution whose
@@ -12,8 +12,10 @@ So a depthwise conv becomes a sum of k*k shifted, strided slices times per-chann
 weights (`depthwise_conv`), a 1x1 conv a matmul over channels
 (`conv_general_dilated_fn('dot')`, whose gradients autodiff also forms as matmuls), and a
 max pool a running maximum over k*k shifted slices (`max_pool`). The parameters keep the
-`nn.Conv` shapes, so pretrained weights load either way. `'auto'` picks these forms on CPU
-and XLA's ops elsewhere (measure on GPU/TPU before relying on either).
+`nn.Conv` shapes, so pretrained weights load either way. `'auto'` picks the shift
+depthwise and the dot 1x1 forms on CPU and XLA's ops elsewhere (measure on GPU/TPU before
+relying on either). The shift max pool is 5x faster alone but made the whole ResNet-50
+step slower (1.82 -> 2.00 s, batch 8, 224^2), so `'auto'` keeps XLA's max pool everywhere.
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def max_pool(x: jax.Array, window: int, stride: int, pad: int, impl: str = "auto
   Args:
     x: [B, H, W, C].
     impl: 'window' (`nn.max_pool`: reduce_window, gradient by select_and_scatter),
-      'shift' (running maximum of the k*k shifted slices) or 'auto' (shift on CPU).
+      'shift' (running maximum of the k*k shifted slices) or 'auto' (= 'window': measured
+      faster inside the whole ResNet-50 step, see the module docstring).
 
   Returns:
     [B, (H + 2 pad - k) // stride + 1, (W + ...) // stride + 1, C].
@@ -111,7 +114,7 @@ def max_pool(x: jax.Array, window: int, stride: int, pad: int, impl: str = "auto
   maximum, 'shift' splits it between the tied ones (`lax.max`'s rule). After a ReLU the
   common tie is at 0, where the ReLU's own gradient is 0 either way.
   """
-  impl = resolve_impl("model.maxpool_impl", impl, MAXPOOL_IMPLS, "shift", "window")
+  impl = resolve_impl("model.maxpool_impl", impl, MAXPOOL_IMPLS, "window", "window")
   if impl == "window":
     return nn.max_pool(x, (window, window), strides=(stride, stride),
                        padding=((pad, pad), (pad, pad)))
