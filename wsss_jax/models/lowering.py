@@ -152,9 +152,8 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
       and feature_group_count == 1 and batch_group_count == 1
       and all(d == 1 for d in (lhs_dilation or (1, 1))) and _zero_padding(padding)):
     sy, sx = window_strides
-    out = jnp.einsum("bhwc,co->bhwo", lhs[:, ::sy, ::sx, :], rhs[0, 0], precision=precision,
-                     preferred_element_type=preferred_element_type)
-    return out
+    return jnp.einsum("bhwc,co->bhwo", lhs[:, ::sy, ::sx, :], rhs[0, 0], precision=precision,
+                      preferred_element_type=preferred_element_type)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
