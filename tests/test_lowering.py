@@ -18,8 +18,17 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _primitives(fn, *args) -> set[str]:
-  """Names of the primitives in `fn`'s jaxpr (one level: these functions have no calls)."""
-  return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+  """Names of the primitives in `fn`'s jaxpr, nested calls (e.g. jitted einsum) included."""
+  names = set()
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      names.add(eqn.primitive.name)
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return names
 
 
 @pytest.mark.parametrize("strides,padding,size", [
