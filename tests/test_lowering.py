@@ -3,6 +3,7 @@ shifted maxima (NumPy references, gradients, fallbacks), and whole backbones equ
 both forms. The depthwise form is tested in test_efficientnet.py."""
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,23 +13,28 @@ from wsss_jax.models import build_model, weights
 from wsss_jax.models.lowering import (conv_general_dilated_fn, max_pool, pointwise_as_dot,
                                      resolve_impl)
 from wsss_jax.models.efficientnet_lite import EfficientNetLite
+from wsss_jax.models.heads import CAMHead, backbone_pointwise_impl
 from wsss_jax.models.resnet import ResNet
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _primitives(fn, *args) -> set[str]:
-  """Names of the primitives in `fn`'s jaxpr, nested calls (e.g. jitted einsum) included."""
-  names = set()
+def _equations(fn, *args) -> list:
+  """The equations of `fn`'s jaxpr, those of nested calls (e.g. jitted einsum) included."""
+  eqns = []
 
   def visit(jaxpr):
     for eqn in jaxpr.eqns:
-      names.add(eqn.primitive.name)
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      eqns.append(eqn)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         visit(sub)
 
   visit(jax.make_jaxpr(fn)(*args).jaxpr)
-  return names
+  return eqns
+
+
+def _primitives(fn, *args) -> set[str]:
+  return {eqn.primitive.name for eqn in _equations(fn, *args)}
 
 
 @pytest.mark.parametrize("strides,padding,size", [
@@ -68,6 +74,22 @@ def test_pointwise_gradients_are_matmuls_and_match_conv():
   prims = _primitives(dot_grads, x, w)
   assert "conv_general_dilated" not in prims and "dot_general" in prims
   assert "conv_general_dilated" in _primitives(conv_grads, x, w)
+
+
+def test_pointwise_gradients_are_two_dimensional_matmuls():
+  # Every matmul, the weight gradient's included, is [M, K] x [K, N] with one contracting
+  # dim. An einsum over [B, H, W] made the weight gradient contract three dims, which
+  # XLA:CPU lowered with a transposing copy of the cotangent (models/lowering.py).
+  x = jnp.ones((2, 6, 5, 3), jnp.float32)
+  w = jnp.ones((1, 1, 3, 4), jnp.float32)
+  grads = jax.grad(lambda x, w: jnp.sum(pointwise_as_dot(
+      x, w, (1, 1), "SAME", dimension_numbers=NHWC) ** 2), argnums=(0, 1))
+  dots = [e for e in _equations(grads, x, w) if e.primitive.name == "dot_general"]
+  assert len(dots) == 3  # forward, input gradient, weight gradient
+  for eqn in dots:
+    (lhs_contract, rhs_contract), _ = eqn.params["dimension_numbers"]
+    assert [v.aval.ndim for v in eqn.invars] == [2, 2]
+    assert len(lhs_contract) == len(rhs_contract) == 1
 
 
 @pytest.mark.parametrize("kernel,kw", [
@@ -213,3 +235,37 @@ def test_config_reaches_the_backbone():
   cfg = {**cfg, "backbone": "efficientnet_lite0"}
   backbone = build_model(cfg, 21, "cam").backbone
   assert (backbone.pointwise_impl, backbone.depthwise_impl) == ("conv", "grouped")
+
+
+@pytest.mark.parametrize("pool", ["gap", "tap"])
+def test_cam_head_follows_the_backbone_impl(pool):
+  feats = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 4, 6)), jnp.float32)
+  heads = {impl: CAMHead(3, pool, pointwise_impl=impl) for impl in ("dot", "conv")}
+  variables = heads["conv"].init(jax.random.key(0), feats)
+
+  def loss(impl, v):
+    out = heads[impl].apply(v, feats)
+    return jnp.sum(out["logits"] ** 2) + jnp.sum(jnp.sin(out["cams"]))
+
+  grads = {impl: jax.grad(lambda v, i=impl: loss(i, v)) for impl in heads}
+  for a, b in zip(jax.tree.leaves(grads["dot"](variables)),
+                  jax.tree.leaves(grads["conv"](variables))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert "conv_general_dilated" not in _primitives(grads["dot"], variables)
+  assert "conv_general_dilated" in _primitives(grads["conv"], variables)
+  # The method models pass their backbone's choice to their CAM heads.
+  assert backbone_pointwise_impl(ResNet(depth=50, pointwise_impl="conv")) == "conv"
+  assert backbone_pointwise_impl(nn.Dense(3)) == "auto"
+
+
+def test_cam_net_head_takes_the_config_impl():
+  x = jnp.zeros((1, 32, 32, 3))
+
+  def convs(impl):
+    net = build_model({"backbone": "resnet50", "pointwise_impl": impl}, 21, "cam")
+    v = net.init(jax.random.key(0), x)
+    return sum(e.primitive.name == "conv_general_dilated"
+               for e in _equations(lambda v: net.apply(v, x), v))
+
+  # ResNet-50 has 36 1x1 convs (2 per bottleneck, 4 projections) and the CAM head 1 more.
+  assert convs("conv") - convs("dot") == 36 + 1

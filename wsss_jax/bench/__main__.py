@@ -15,10 +15,13 @@ What: `train` (config.method's train step), `baseline` (the CAM step with the sa
 config), `seg` (the segmentation step), `cams` (multi-scale CAM inference), `kernels`,
 `torch` (the PyTorch eager ResNet-50 CAM step at the same batch/crop; `.[torch-bench]`),
 `breakdown` (the CAM step cut into forward / BatchNorm / backward / update, JAX and, where
-torch is installed, PyTorch; `bench/breakdown.py`):
+torch is installed, PyTorch; `bench/breakdown.py`), `profile` (config.method's train step,
+time per HLO op from a profiler trace, grouped by forward/backward and convolution /
+matmul / copy / ...; `bench/op_profile.py`; the trace is kept in `--trace_dir`):
 
   python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=224 --what=train,torch
   python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=224 --what=breakdown
+  python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=224 --what=profile
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO_CONFIGS, "synthetic", "cam.py"),
     "Config file, `path.py` or `path.py:arg`.", lock_config=False)
 _WHAT = flags.DEFINE_list("what", ["train"],
-                          "train, baseline, seg, cams, kernels, torch, breakdown")
+                          "train, baseline, seg, cams, kernels, torch, breakdown, profile")
 _METHOD = flags.DEFINE_string("method", None, "Override config.method for `train`.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
@@ -46,6 +49,9 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "C incl. background (VOC:
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "`key=v1,v2`: benchmark every combination of the listed values.")
 _OUT = flags.DEFINE_string("out", "", "Also append the JSON lines to this file.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/wsss_jax_profile",
+                                 "`profile`: where the profiler trace is written.")
+_TOP = flags.DEFINE_integer("top", 15, "`profile`: the slowest ops listed (and emitted).")
 _SHORTCUTS = {
     "backbone": ("model.backbone", flags.DEFINE_string("backbone", None, "model.backbone")),
     "batch": ("data.batch_size", flags.DEFINE_integer("batch", None, "data.batch_size")),
@@ -110,12 +116,26 @@ def main(argv) -> None:
         for record in parts:
           emit({**record, "sweep": point})
         print(breakdown.format_attribution(parts))
+      elif what == "profile":
+        from wsss_jax.bench import op_profile  # pylint: disable=import-outside-toplevel
+        call, compiled, facts = steps.build_train_call(config, c)
+        facts.pop("flops")
+        result = op_profile.profile(call, compiled, calls=_STEPS.value,
+                                    warmup=_WARMUP.value, trace_dir=_TRACE_DIR.value)
+        for group in op_profile.summarize(result["ops"]):
+          emit({**facts, "kind": "op_profile_group", **group, "sweep": point})
+        for op in result["ops"][:_TOP.value]:
+          emit({**facts, "kind": "op_profile_op", **op, "sweep": point})
+        print(op_profile.format_profile(result, _TOP.value))
+        print(f"trace: {result['trace']}")
       elif what == "kernels":
         for record in kernels.run_all(repeats=_REPEATS.value):
           emit(record)
       else:
         raise app.UsageError(f"--what: unknown {what!r}")
-  print(sweep.format_table(records))
+  table = sweep.format_table(records)
+  if "\n" in table:  # a header alone: only kernel / op-profile records, printed above
+    print(table)
 
 
 if __name__ == "__main__":

@@ -76,11 +76,13 @@ def _describe(config: mlc.ConfigDict, kind: str, name: str, batch: int, crop: in
           "output_stride": int(config.model.output_stride)}
 
 
-def measure_train_step(config: mlc.ConfigDict, num_classes: int, *, name: str | None = None,
-                       batch: int | None = None, steps: int = 10, warmup: int = 2,
-                       repeats: int = 1, extras: BatchExtras | None = None
-                       ) -> dict[str, Any]:
-  """Times `make_train_step` for method `name` (default `config.method`).
+def build_train_call(config: mlc.ConfigDict, num_classes: int, *, name: str | None = None,
+                     batch: int | None = None, extras: BatchExtras | None = None
+                     ) -> tuple[Callable[[], Any], Any, dict[str, Any]]:
+  """The compiled `make_train_step` of method `name` (default `config.method`) on a random
+  batch, as `(call, compiled, facts)`: each `call()` runs one step, carries the state to
+  the next call and returns the loss; `facts` has the record fields, `compile_s` and
+  `flops` (XLA's per-device count for one step, or None).
 
   `batch` defaults to `config.data.batch_size` (`config.seg.batch_size` for `seg`).
   """
@@ -107,11 +109,25 @@ def measure_train_step(config: mlc.ConfigDict, num_classes: int, *, name: str | 
     holder["state"], metrics = compiled(holder["state"], arrays)
     return metrics["loss"]
 
+  facts = {**_describe(config, "train_step", name, batch, crop, n_dev),
+           "compile_s": compile_s, "flops": flops}
+  return call, compiled, facts
+
+
+def measure_train_step(config: mlc.ConfigDict, num_classes: int, *, name: str | None = None,
+                       batch: int | None = None, steps: int = 10, warmup: int = 2,
+                       repeats: int = 1, extras: BatchExtras | None = None
+                       ) -> dict[str, Any]:
+  """Times `make_train_step` for method `name` (default `config.method`); see
+  `build_train_call` for `batch` and `extras`."""
+  call, _, facts = build_train_call(config, num_classes, name=name, batch=batch,
+                                    extras=extras)
+  flops = facts.pop("flops")
   times = timing.time_calls(call, warmup=warmup, steps=steps, repeats=repeats)
   loss = float(call())
-  return {**_describe(config, "train_step", name, batch, crop, n_dev),
-          "compile_s": compile_s, **times,
-          **timing.throughput_fields(batch, n_dev, times["time_median_s"], flops),
+  return {**facts, **times,
+          **timing.throughput_fields(facts["batch"], facts["devices"],
+                                     times["time_median_s"], flops),
           "loss": loss, "finite": bool(np.isfinite(loss)), **timing.peak_memory()}
 
 

@@ -36,9 +36,11 @@ def sweep_points(sweeps: list[str]) -> list[dict[str, str]]:
 
 
 def format_table(records: list[dict]) -> str:
-  """Aligned text table of the step/inference records (kernel records are left out)."""
+  """Aligned text table of the step/inference records (kernel and op-profile records,
+  which have their own tables, are left out)."""
   rows = [[_fmt(_label(r) if c == "kind" else r.get(c)) for c in TABLE_COLUMNS]
-          for r in records if "kernel" not in r]
+          for r in records
+          if "kernel" not in r and not str(r.get("kind")).startswith("op_profile")]
   rows = [list(TABLE_COLUMNS)] + rows
   widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
   return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)

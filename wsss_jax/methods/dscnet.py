@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from wsss_jax.methods import base
 from wsss_jax.methods import cam as cam_method
-from wsss_jax.models.heads import CAMHead
+from wsss_jax.models.heads import CAMHead, backbone_pointwise_impl
 from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import group_contrast as gc
@@ -105,7 +105,7 @@ class DSCNetR(nn.Module):
     b, h, w, d = f.shape
     k_max, n = self.num_classes, h * w
     head = CAMHead(self.num_classes - 1, self.pool, self.tap_threshold, self.dtype,
-                   name="cam_head")
+                   backbone_pointwise_impl(self.backbone), name="cam_head")
     plain = head(feats)
     valid = (gc.valid_cells(images, (h, w)) if self.ignore_zero_padding
              else jnp.ones((b, h, w), bool))
@@ -161,7 +161,7 @@ class DSCNetR(nn.Module):
     fprime = jax.vmap(fuse)(f.reshape(b, n, d), pearson, pix_probs, mask).reshape(b, h, w, d)
     fhat = jnp.concatenate([f, fprime], axis=-1).astype(self.dtype)
     refined = CAMHead(self.num_classes - 1, self.pool, self.tap_threshold, self.dtype,
-                      name="refined_head")(fhat)
+                      backbone_pointwise_impl(self.backbone), name="refined_head")(fhat)
     out.update(refined_logits=refined["logits"], refined_cams=refined["cams"])
     if self.cams_output == "refined":
       out.update(logits=refined["logits"], cams=refined["cams"])

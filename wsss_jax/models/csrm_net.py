@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from wsss_jax.models import registry
-from wsss_jax.models.heads import CAMHead, DeepLabV3PlusHead, ProjectionHead
+from wsss_jax.models.heads import (CAMHead, DeepLabV3PlusHead, ProjectionHead,
+                                   backbone_pointwise_impl)
 
 CAMS_FROM = ("class", "seg")
 
@@ -69,8 +70,9 @@ class CSRMNet(nn.Module):
     if self.cams_from not in CAMS_FROM:
       raise ValueError(f"csrm.cams_from must be one of {CAMS_FROM}, got {self.cams_from!r}")
     feats = self.backbone(images, train=train)
-    cam = CAMHead(self.num_classes - 1, "gap", dtype=self.dtype, name="cam_head")(
-        feats["out"])
+    cam = CAMHead(self.num_classes - 1, "gap", dtype=self.dtype,
+                  pointwise_impl=backbone_pointwise_impl(self.backbone), name="cam_head")(
+                      feats["out"])
     high = feats[self.aspp_key or f"stride{self.output_stride}"]
     dec = DeepLabV3PlusHead(self.num_classes, self.output_stride, self.norm, self.num_groups,
                             self.dtype, width=self.head_width, name="decoder")(

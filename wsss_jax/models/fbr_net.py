@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wsss_jax.models.heads import CAMHead, Norm
+from wsss_jax.models.heads import CAMHead, Norm, backbone_pointwise_impl
 
 _HEAD_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # Kaiming (ReLU).
 
@@ -55,7 +55,7 @@ class FBRNet(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     feats = self.backbone(images, train=train)["out"]
     out = CAMHead(self.num_classes - 1, self.pool, self.tap_threshold, self.dtype,
-                  name="cam_head")(feats)
+                  backbone_pointwise_impl(self.backbone), name="cam_head")(feats)
     conv = lambda name: nn.Conv(self.proj_dim, (1, 1), use_bias=False, dtype=self.dtype,
                                 kernel_init=_HEAD_INIT, name=name)
     z_fg = nn.relu(conv("proj_fg")(feats))

@@ -12,7 +12,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.models.lowering import conv_general_dilated_fn
+
 _HEAD_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # Kaiming (ReLU).
+
+
+def backbone_pointwise_impl(backbone: nn.Module) -> str:
+  """The backbone's `pointwise_impl` ('auto' for backbones without one), so that a CAM head
+  lowers its 1x1 conv as the backbone does (`model.pointwise_impl`)."""
+  return getattr(backbone, "pointwise_impl", "auto")
 
 
 def tap_pool(features: jax.Array, threshold: float = 0.1) -> jax.Array:
@@ -80,6 +88,8 @@ class CAMHead(nn.Module):
     pool: 'gap' (mean of the class maps) or 'tap' (class weights applied to `tap_pool`
       of the features; the CAMs themselves stay un-thresholded).
     tap_threshold: TAP threshold (fraction of the channel max).
+    pointwise_impl: the classifier as 'dot', 'conv' or 'auto' (`models/lowering.py`;
+      `backbone_pointwise_impl` gives the backbone's).
 
   Call: features [B, h, w, L] -> {'logits': [B, C-1], 'cams': [B, h, w, C-1]} (float32;
   `cams` are the raw class maps before ReLU).
@@ -88,11 +98,15 @@ class CAMHead(nn.Module):
   pool: str = "gap"
   tap_threshold: float = 0.1
   dtype: Any = jnp.float32
+  pointwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, features: jax.Array) -> dict[str, jax.Array]:
+    # As a matmul on CPU: XLA:CPU's weight gradient of this 1x1 conv over the 1280/2048
+    # backbone channels transposed the features first (models/lowering.py).
     conv = nn.Conv(self.num_fg, (1, 1), use_bias=False, dtype=self.dtype,
-                   kernel_init=nn.initializers.xavier_uniform(), name="classifier")
+                   kernel_init=nn.initializers.xavier_uniform(), name="classifier",
+                   conv_general_dilated=conv_general_dilated_fn(self.pointwise_impl))
     cams = conv(features).astype(jnp.float32)
     if self.pool == "gap":
       logits = jnp.mean(cams, axis=(1, 2))  # = classifier(GAP(features)): it is linear.

@@ -9,8 +9,8 @@ Three ops are slow on XLA:CPU when timed alone (2-core CPU, ResNet-50 / Lite0 sh
 - the gradient of a max pool (`select_and_scatter`), at ~9x its forward.
 
 So a depthwise conv becomes a sum of k*k shifted, strided slices times per-channel
-weights (`depthwise_conv`), a 1x1 conv a matmul over channels
-(`conv_general_dilated_fn('dot')`, whose gradients autodiff also forms as matmuls), and a
+weights (`depthwise_conv`), a 1x1 conv a [B*H*W, Cin] x [Cin, Cout] matmul
+(`conv_general_dilated_fn('dot')`, whose gradients autodiff also forms as 2-D matmuls), and a
 max pool a running maximum over k*k shifted slices (`max_pool`). The parameters keep the
 `nn.Conv` shapes, so pretrained weights load either way. `'auto'` picks the shift
 depthwise and the dot 1x1 forms on CPU and XLA's ops elsewhere (measure on GPU/TPU before
@@ -152,8 +152,14 @@ def pointwise_as_dot(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
       and feature_group_count == 1 and batch_group_count == 1
       and all(d == 1 for d in (lhs_dilation or (1, 1))) and _zero_padding(padding)):
     sy, sx = window_strides
-    return jnp.einsum("bhwc,co->bhwo", lhs[:, ::sy, ::sx, :], rhs[0, 0], precision=precision,
-                      preferred_element_type=preferred_element_type)
+    x = lhs[:, ::sy, ::sx, :]
+    # A 2-D matmul, not an einsum over [B, H, W]: autodiff then forms the weight gradient
+    # as one [C, N] x [N, O] dot. With three contracting dims XLA:CPU first transposed
+    # the [B, H, W, O] cotangent into [O, B*H*W], a copy that cost more than the dot
+    # (ResNet-50 step: 36 such copies, ~0.4 s of ~2 s; BENCHMARKS.md).
+    out = jnp.dot(x.reshape(-1, x.shape[-1]), rhs[0, 0], precision=precision,
+                  preferred_element_type=preferred_element_type)
+    return out.reshape(*x.shape[:-1], rhs.shape[-1])
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from wsss_jax.models import weights
 from wsss_jax.models.efficientnet_lite import LITE_PARAMS, EfficientNetLite
-from wsss_jax.models.heads import CAMHead, DeepLabV3PlusHead
+from wsss_jax.models.heads import CAMHead, DeepLabV3PlusHead, backbone_pointwise_impl
 from wsss_jax.models.resnet import RESNET_LAYERS, ResNet
 
 BACKBONES = tuple([f"efficientnet_{v}" for v in LITE_PARAMS] +
@@ -87,7 +87,7 @@ class CAMNet(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     feats = self.backbone(images, train=train)["out"]
     out = CAMHead(self.num_classes - 1, self.pool, self.tap_threshold, self.dtype,
-                  name="cam_head")(feats)
+                  backbone_pointwise_impl(self.backbone), name="cam_head")(feats)
     return {**out, "features": feats.astype(jnp.float32)}
 
 
