@@ -145,10 +145,11 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       pool="gap",               # gap | tap
       dtype="float32",          # compute dtype: float32 | bfloat16
       # How layers are lowered (models/lowering.py): auto = the fast form on CPU
-      # (shift-sum depthwise, 1x1 as matmul), XLA's ops elsewhere and for the max pool.
+      # (shift-sum depthwise, 1x1 as matmul, max pool gradient via argmax), XLA's ops
+      # elsewhere.
       depthwise_impl="auto",    # auto | shift | grouped
       pointwise_impl="auto",    # auto | dot | conv
-      maxpool_impl="auto",      # auto | shift | window (ResNet stem)
+      maxpool_impl="auto",      # auto | argmax | shift | window (ResNet stem)
   ))
   c.train = mlc.ConfigDict(dict(
       num_steps=150 if runlocal else 8000, log_every=10 if runlocal else 50,

@@ -95,3 +95,41 @@ def test_breakdown_phases_and_attribution():
   table = breakdown.format_attribution(fake)
   assert "jax/torch" in table and "0.25" in table.splitlines()[4]  # update: 0.25 / 1.0
   assert breakdown.attribute(fake[3:]) == {"torch": parts["torch"]}  # jax incomplete
+
+
+def test_interleave_child_argv_pins_one_point():
+  from wsss_jax.bench import interleave
+  argv = ["--backbone=resnet50", "--sweep=model.maxpool_impl=window,argmax", "--interleave",
+          "3", "--out", "x.jsonl", "--steps=5", "--sweep", "data.batch_size=4,8"]
+  point = {"model.maxpool_impl": "argmax", "data.batch_size": "8"}
+  assert interleave.child_argv(argv, point) == [
+      "--backbone=resnet50", "--steps=5", "--sweep=model.maxpool_impl=argmax",
+      "--sweep=data.batch_size=8"]
+
+
+def test_interleave_alternates_points_and_reports_per_round_ratios():
+  from wsss_jax.bench import interleave
+  points = cli.sweep_points(["model.maxpool_impl=window,argmax"])
+  calls, emitted = [], []
+  fake_times = iter([2.0, 1.0, 3.0, 1.5])  # the host slows down in round 2
+
+  def runner(args):
+    calls.append(args[-1])
+    return [{"kind": "train_step", "method": "cam", "time_median_s": next(fake_times)}]
+
+  records = interleave.run(["--steps=2"], points, 2, emitted.append, runner=runner)
+  assert calls == ["--sweep=model.maxpool_impl=window", "--sweep=model.maxpool_impl=argmax"] * 2
+  assert [r["round"] for r in records] == [1, 1, 2, 2] and emitted == records
+  assert records[1]["sweep"] == {"model.maxpool_impl": "argmax"}
+  table = interleave.format_rounds(records)
+  # Per-round ratios 0.5 and 0.5: the drift between rounds cancels.
+  assert '{"model.maxpool_impl": "argmax"}: 1.000 1.500  ratio 0.500 (0.500-0.500)' in table
+  assert '{"model.maxpool_impl": "window"}: 2.000 3.000  ratio 1.000' in table
+
+
+def test_interleave_rejects_a_single_point():
+  from wsss_jax.bench import interleave
+  with pytest.raises(ValueError, match="at least 2 points"):
+    interleave.schedule([{}], 3)
+  with pytest.raises(ValueError, match="--interleave must be >= 1"):
+    interleave.schedule([{"a": "1"}, {"a": "2"}], 0)

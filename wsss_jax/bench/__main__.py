@@ -5,7 +5,12 @@ r"""Benchmarks from a config; one JSON line per measurement, then a table.
   python -m wsss_jax.bench --config=configs/voc/fbr.py:runlocal \
       --sweep=data.batch_size=8,16 --sweep=model.dtype=float32,bfloat16
   python -m wsss_jax.bench --what=kernels
+  python -m wsss_jax.bench --backbone=resnet50 --batch=8 --crop=224 --steps=5 \
+      --sweep=model.maxpool_impl=window,argmax --interleave=3
 
+`--interleave=N` runs the sweep points alternately, each in a fresh process, N rounds, and
+reports each point's ratio to the first point per round: on a host whose speed drifts,
+the comparison to trust (`bench/interleave.py`).
 `--config` defaults to the embedded default (`configs/synthetic/cam.py`); `--backbone`,
 `--batch`, `--crop`, `--dtype`, `--step_impl`, `--devices` are shortcuts for the config
 keys `model.backbone`, `data.batch_size`, `data.crop_size`, `model.dtype`,
@@ -28,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -49,6 +55,9 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "C incl. background (VOC:
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "`key=v1,v2`: benchmark every combination of the listed values.")
 _OUT = flags.DEFINE_string("out", "", "Also append the JSON lines to this file.")
+_INTERLEAVE = flags.DEFINE_integer(
+    "interleave", 0, "N > 0: N rounds, each running every --sweep point once in its own "
+    "process, alternating; reports per-round medians and ratios (bench/interleave.py).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/wsss_jax_profile",
                                  "`profile`: where the profiler trace is written.")
 _TOP = flags.DEFINE_integer("top", 15, "`profile`: the slowest ops listed (and emitted).")
@@ -66,6 +75,7 @@ jax.config.parse_flags_with_absl()
 
 def main(argv) -> None:
   del argv
+  from wsss_jax.bench import interleave  # pylint: disable=import-outside-toplevel
   from wsss_jax.bench import kernels  # pylint: disable=import-outside-toplevel
   from wsss_jax.bench import steps  # pylint: disable=import-outside-toplevel
   from wsss_jax.bench import sweep  # pylint: disable=import-outside-toplevel
@@ -86,6 +96,10 @@ def main(argv) -> None:
       with open(_OUT.value, "a") as f:
         f.write(line + "\n")
 
+  if _INTERLEAVE.value:
+    interleave.run(sys.argv[1:], sweep.sweep_points(_SWEEP.value), _INTERLEAVE.value, emit)
+    print(interleave.format_rounds(records))
+    return
   for point in sweep.sweep_points(_SWEEP.value):
     config = type(base)(base.to_dict())
     for k, v in point.items():

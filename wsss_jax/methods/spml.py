@@ -40,6 +40,7 @@ import ml_collections as mlc
 
 from wsss_jax.methods import base
 from wsss_jax.methods import seg as seg_method
+from wsss_jax.models.batch_norm import BatchNorm
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import kmeans as kmeans_ops
 from wsss_jax.ops import resize
@@ -142,8 +143,8 @@ class SPMLNet(nn.Module):
     # Classifier on the detached embedding: it never changes the metric space (§5.1).
     x = nn.Conv(self.classifier_hidden, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 dtype=self.dtype, name="classifier_conv")(jax.lax.stop_gradient(emb))
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="classifier_bn")(x)
+    x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                  dtype=self.dtype, name="classifier_bn")(x)
     x = nn.Dropout(self.classifier_dropout, deterministic=not train)(nn.relu(x))
     seg_logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
                          name="classifier_out")(x).astype(jnp.float32)

@@ -2,7 +2,7 @@
 
 Public entry points: `build_model(config.model, num_classes, kind)`,
 `load_pretrained(config.model, variables)`, `build_backbone(config.model)`; the modules
-`efficientnet_lite`, `resnet`, `heads`, `weights`, `torch_pickle`.
+`efficientnet_lite`, `resnet`, `heads`, `batch_norm`, `lowering`, `weights`, `torch_pickle`.
 """
 from wsss_jax.models.registry import BACKBONES
 from wsss_jax.models.registry import build_backbone

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.models.batch_norm import BatchNorm
 from wsss_jax.models.lowering import conv_general_dilated_fn, depthwise_conv
 
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-B0/Lite0.
@@ -105,8 +106,8 @@ class MBConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = lambda name: nn.BatchNorm(use_running_average=not train or self.frozen_bn,
-                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
+    bn = lambda name: BatchNorm(use_running_average=not train or self.frozen_bn,
+                                momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
     conv1x1 = lambda f, name: nn.Conv(
         f, (1, 1), use_bias=False, dtype=self.dtype, name=name,
         conv_general_dilated=conv_general_dilated_fn(self.pointwise_impl))
@@ -153,8 +154,8 @@ class EfficientNetLite(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     if self.output_stride not in (8, 16, 32):
       raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
-    bn = lambda name: nn.BatchNorm(use_running_average=not train or self.frozen_bn,
-                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
+    bn = lambda name: BatchNorm(use_running_average=not train or self.frozen_bn,
+                                momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
     x = x.astype(self.dtype)
     x = nn.Conv(STEM_FILTERS, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, name="stem_conv")(x)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.models.batch_norm import BatchNorm
 from wsss_jax.models.lowering import conv_general_dilated_fn
 
 _HEAD_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # Kaiming (ReLU).
@@ -55,8 +56,8 @@ class Norm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.kind == "batch":
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                          dtype=self.dtype, name="bn")(x)
+      return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, name="bn")(x)
     if self.kind == "group":
       return nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype,
                           name="gn")(x)

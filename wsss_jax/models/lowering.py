@@ -9,16 +9,22 @@ Three ops are slow on XLA:CPU when timed alone (2-core CPU, ResNet-50 / Lite0 sh
 - the gradient of a max pool (`select_and_scatter`), at ~9x its forward.
 
 So a depthwise conv becomes a sum of k*k shifted, strided slices times per-channel
-weights (`depthwise_conv`), a 1x1 conv a [B*H*W, Cin] x [Cin, Cout] matmul
-(`conv_general_dilated_fn('dot')`, whose gradients autodiff also forms as 2-D matmuls), and a
-max pool a running maximum over k*k shifted slices (`max_pool`). The parameters keep the
-`nn.Conv` shapes, so pretrained weights load either way. `'auto'` picks the shift
-depthwise and the dot 1x1 forms on CPU and XLA's ops elsewhere (measure on GPU/TPU before
-relying on either). The shift max pool is 5x faster alone but made the whole ResNet-50
-step slower (1.82 -> 2.00 s, batch 8, 224^2), so `'auto'` keeps XLA's max pool everywhere.
+weights (`depthwise_conv`), and a 1x1 conv a [B*H*W, Cin] x [Cin, Cout] matmul
+(`conv_general_dilated_fn('dot')`, whose gradients autodiff also forms as 2-D matmuls). The
+parameters keep the `nn.Conv` shapes, so pretrained weights load either way.
+
+The max pool has two other forms (`max_pool`). 'shift', a running maximum over the k*k
+shifted slices, is 5x faster alone but made the whole ResNet-50 step slower (1.82 -> 2.00 s,
+batch 8, 224^2). 'argmax' keeps XLA's forward and replaces only the gradient
+(`_max_pool_argmax`). It removes ~0.14 s of per-op time from that step; the step's wall
+time moved by ~3 %, inside the host's spread (BENCHMARKS.md).
+
+`'auto'` picks the shift depthwise, the dot 1x1 and the argmax max pool on CPU, and XLA's
+ops elsewhere (measure on GPU/TPU before relying on either).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -28,7 +34,7 @@ from jax import lax
 
 DEPTHWISE_IMPLS = ("auto", "shift", "grouped")
 POINTWISE_IMPLS = ("auto", "dot", "conv")
-MAXPOOL_IMPLS = ("auto", "shift", "window")
+MAXPOOL_IMPLS = ("auto", "argmax", "shift", "window")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -104,26 +110,79 @@ def max_pool(x: jax.Array, window: int, stride: int, pad: int, impl: str = "auto
   Args:
     x: [B, H, W, C].
     impl: 'window' (`nn.max_pool`: reduce_window, gradient by select_and_scatter),
-      'shift' (running maximum of the k*k shifted slices) or 'auto' (= 'window': measured
-      faster inside the whole ResNet-50 step, see the module docstring).
+      'argmax' (the same forward; the gradient of each window goes to its first maximum
+      through k*k strided pads, `_max_pool_argmax`), 'shift' (running maximum of the k*k
+      shifted slices, differentiated by autodiff) or 'auto' ('argmax' on CPU, 'window'
+      elsewhere; see the module docstring).
 
   Returns:
     [B, (H + 2 pad - k) // stride + 1, (W + ...) // stride + 1, C].
 
-  The forms differ only in the gradient at ties inside a window: 'window' routes it to one
-  maximum, 'shift' splits it between the tied ones (`lax.max`'s rule). After a ReLU the
-  common tie is at 0, where the ReLU's own gradient is 0 either way.
+  The forms differ only in the gradient at ties inside a window: 'window' and 'argmax'
+  route it to the first maximum in row-major window order, 'shift' splits it between the
+  tied ones (`lax.max`'s rule). After a ReLU the common tie is at 0, where the ReLU's own
+  gradient is 0 either way.
   """
-  impl = resolve_impl("model.maxpool_impl", impl, MAXPOOL_IMPLS, "window", "window")
+  impl = resolve_impl("model.maxpool_impl", impl, MAXPOOL_IMPLS, "argmax", "window")
   if impl == "window":
     return nn.max_pool(x, (window, window), strides=(stride, stride),
                        padding=((pad, pad), (pad, pad)))
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-  out_hw = ((xp.shape[1] - window) // stride + 1, (xp.shape[2] - window) // stride + 1)
+  if impl == "argmax":
+    return _max_pool_argmax(x, window, stride, pad)
+  xp, out_hw = _pad_for_pool(x, window, stride, pad)
   out = None
   for _, tap in _shifted_taps(xp, (window, window), stride, 1, out_hw):
     out = tap if out is None else jnp.maximum(out, tap)
   return out
+
+
+def _pad_for_pool(x: jax.Array, window: int, stride: int, pad: int
+                  ) -> tuple[jax.Array, tuple[int, int]]:
+  """`x` padded with -inf on H and W, and the pool's output (H, W)."""
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+  return xp, ((xp.shape[1] - window) // stride + 1, (xp.shape[2] - window) // stride + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_argmax(x: jax.Array, window: int, stride: int, pad: int) -> jax.Array:
+  """XLA's reduce_window max pool whose gradient avoids `select_and_scatter`.
+
+  XLA:CPU expands `select_and_scatter` into an iota per dimension, a variadic
+  reduce_window that finds each window's argmax coordinates, and a scatter: ~0.14 s of
+  per-op time in the ResNet-50 step (batch 8, 224²) for its one max pool, though much of it
+  ran beside other ops (the step's wall time gained ~3 %). Here the backward pass finds the
+  winning tap of each window as a small integer (one fused pass over the k*k strided
+  slices) and adds each tap's share back with a strided `lax.pad`, which XLA fuses into one
+  loop over the input.
+  """
+  return nn.max_pool(x, (window, window), strides=(stride, stride),
+                     padding=((pad, pad), (pad, pad)))
+
+
+def _max_pool_argmax_fwd(x, window, stride, pad):
+  y = _max_pool_argmax(x, window, stride, pad)
+  return y, (x, y)
+
+
+def _max_pool_argmax_bwd(window, stride, pad, residuals, g):
+  x, y = residuals
+  xp, out_hw = _pad_for_pool(x, window, stride, pad)
+  # The first tap (row-major) equal to the window's maximum: select_and_scatter's choice.
+  winner = jnp.full(y.shape, window * window, jnp.int8 if window * window < 128 else jnp.int32)
+  taps = list(_shifted_taps(xp, (window, window), stride, 1, out_hw))
+  for k, (_, tap) in reversed(list(enumerate(taps))):
+    winner = jnp.where(tap == y, jnp.asarray(k, winner.dtype), winner)
+  zero = jnp.zeros((), g.dtype)
+  dxp = jnp.zeros(xp.shape, g.dtype)
+  span = ((out_hw[0] - 1) * stride + 1, (out_hw[1] - 1) * stride + 1)
+  for k, ((i, j), _) in enumerate(taps):
+    share = jnp.where(winner == k, g, zero)
+    dxp = dxp + lax.pad(share, zero, ((0, 0, 0), (i, xp.shape[1] - i - span[0], stride - 1),
+                                      (j, xp.shape[2] - j - span[1], stride - 1), (0, 0, 0)))
+  return (dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2]],)
+
+
+_max_pool_argmax.defvjp(_max_pool_argmax_fwd, _max_pool_argmax_bwd)
 
 
 def _zero_padding(padding: Any) -> bool:

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.models.batch_norm import BatchNorm
 from wsss_jax.models.lowering import conv_general_dilated_fn, max_pool
 
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -24,10 +25,10 @@ _PLANES = (64, 128, 256, 512)
 _EXPANSION = 4
 
 
-def _bn(train: bool, frozen: bool, dtype: Any, name: str) -> nn.BatchNorm:
+def _bn(train: bool, frozen: bool, dtype: Any, name: str) -> BatchNorm:
   # PyTorch BN defaults: momentum 0.1 (Flax 0.9), eps 1e-5.
-  return nn.BatchNorm(use_running_average=not train or frozen, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+  return BatchNorm(use_running_average=not train or frozen, momentum=0.9, epsilon=1e-5,
+                   dtype=dtype, name=name)
 
 
 def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, dtype: Any,
