@@ -14,7 +14,6 @@ ratio to the first point of the same round, the number to read.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ def schedule(points: Sequence[dict[str, str]], rounds: int) -> list[tuple[int, d
 def run_child(args: list[str]) -> list[dict]:
   """Runs `python -m wsss_jax.bench *args` and returns its JSON records."""
   proc = subprocess.run([sys.executable, "-m", "wsss_jax.bench", *args], capture_output=True,
-                        text=True, check=False, env=dict(os.environ))
+                        text=True, check=False)
   if proc.returncode != 0:
     tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
     raise RuntimeError(f"bench child {' '.join(args)} exited with {proc.returncode}:\n{tail}")
