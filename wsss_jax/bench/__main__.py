@@ -11,6 +11,7 @@ r"""Benchmarks from a config; one JSON line per measurement, then a table.
 `--interleave=N` runs the sweep points alternately, each in a fresh process, N rounds, and
 reports each point's ratio to the first point per round: on a host whose speed drifts,
 the comparison to trust (`bench/interleave.py`).
+
 `--config` defaults to the embedded default (`configs/synthetic/cam.py`); `--backbone`,
 `--batch`, `--crop`, `--dtype`, `--step_impl`, `--devices` are shortcuts for the config
 keys `model.backbone`, `data.batch_size`, `data.crop_size`, `model.dtype`,
