@@ -74,6 +74,28 @@ def test_torch_baseline_is_the_same_architecture_and_runs():
   assert rec["finite"] and rec["time_median_s"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_baseline_convs_run_in_the_requested_dtype(dtype):
+  torch = pytest.importorskip("torch")
+  from wsss_jax.bench import torch_baseline
+  conv_outputs = set()
+
+  def record(module, _, output):
+    if isinstance(module, torch.nn.Conv2d):
+      conv_outputs.add(str(output.dtype).removeprefix("torch."))
+
+  hook = torch.nn.modules.module.register_module_forward_hook(record)
+  try:
+    rec = torch_baseline.measure_train_step(2, 32, 21, steps=1, warmup=0, dtype=dtype)
+  finally:
+    hook.remove()
+  # Every conv of the timed step (backbone and classifier) ran in the requested dtype.
+  assert conv_outputs == {dtype}
+  assert rec["dtype"] == dtype and rec["amp"] == (dtype == "bfloat16") and rec["finite"]
+  with pytest.raises(ValueError, match="float16"):
+    torch_baseline.measure_train_step(2, 32, 21, steps=1, warmup=0, dtype="float16")
+
+
 def test_breakdown_phases_and_attribution():
   from wsss_jax.bench import breakdown
   c = tiny_config()

@@ -119,7 +119,8 @@ def main(argv) -> None:
         from wsss_jax.bench import torch_baseline  # pylint: disable=import-outside-toplevel
         emit({**torch_baseline.measure_train_step(
             int(config.data.batch_size), int(config.data.crop_size), c,
-            output_stride=int(config.model.output_stride), **kw), "sweep": point})
+            output_stride=int(config.model.output_stride), dtype=str(config.model.dtype),
+            **kw), "sweep": point})
       elif what == "breakdown":
         from wsss_jax.bench import breakdown  # pylint: disable=import-outside-toplevel
         parts = breakdown.measure_breakdown(config, c, **kw)
@@ -127,7 +128,8 @@ def main(argv) -> None:
           from wsss_jax.bench import torch_baseline  # pylint: disable=import-outside-toplevel
           parts += torch_baseline.measure_breakdown(
               int(config.data.batch_size), int(config.data.crop_size), c,
-              output_stride=int(config.model.output_stride), **kw)
+              output_stride=int(config.model.output_stride), dtype=str(config.model.dtype),
+              **kw)
         for record in parts:
           emit({**record, "sweep": point})
         print(breakdown.format_attribution(parts))

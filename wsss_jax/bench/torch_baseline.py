@@ -9,9 +9,16 @@ module is the torch reference of `tests/test_resnet.py`, which loads real weight
 both and compares their outputs. `measure_train_step(channels_last=True)` runs PyTorch in
 its faster layout (oneDNN's on CPU, tensor cores on GPU), so the comparison is with
 PyTorch at its best.
+
+`dtype='bfloat16'` is PyTorch's automatic mixed precision: float32 parameters and optimizer,
+forward and loss under `torch.autocast(dtype=torch.bfloat16)` (no loss scaling: bf16 has
+float32's exponent range). It is the counterpart of the JAX step's `model.dtype=bfloat16`
+(bf16 compute, float32 master weights), so `bench --dtype=bfloat16 --what=train,torch`
+compares like with like.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -109,9 +116,15 @@ def make_resnet50_cam(num_fg: int, output_stride: int = 16):
   return CAMNet()
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def _setup(batch: int, crop: int, num_classes: int, channels_last: bool,
-           output_stride: int, lr: float, threads: int) -> dict[str, Any]:
-  """Model, optimizer, loss, random batch and a device sync for the eager CAM step."""
+           output_stride: int, lr: float, threads: int, dtype: str) -> dict[str, Any]:
+  """Model, optimizer, loss, random batch, a device sync and the forward's autocast
+  context (`t['autocast']()`) for the eager CAM step."""
+  if dtype not in DTYPES:
+    raise ValueError(f"the PyTorch baseline's dtype must be one of {DTYPES}, got {dtype!r}")
   torch = _torch()
   if threads > 0:
     torch.set_num_threads(threads)
@@ -128,7 +141,10 @@ def _setup(batch: int, crop: int, num_classes: int, channels_last: bool,
           "loss_fn": torch.nn.MultiLabelSoftMarginLoss(),
           "images": images.to(device).contiguous(memory_format=fmt),
           "labels": labels.to(device),
-          "sync": torch.cuda.synchronize if device == "cuda" else (lambda: None)}
+          "sync": torch.cuda.synchronize if device == "cuda" else (lambda: None),
+          "dtype": dtype,
+          "autocast": (lambda: torch.autocast(device, dtype=torch.bfloat16))
+                      if dtype == "bfloat16" else contextlib.nullcontext}
 
 
 def _time(fn, sync, *, warmup: int, steps: int, repeats: int) -> dict[str, float]:
@@ -152,24 +168,27 @@ def _describe(t: dict[str, Any], batch: int, crop: int, output_stride: int,
               channels_last: bool) -> dict[str, Any]:
   torch = t["torch"]
   return {"method": "cam", "backbone": "resnet50", "batch": batch, "crop": crop,
-          "dtype": "float32", "devices": 1, "output_stride": output_stride,
+          "dtype": t["dtype"], "amp": t["dtype"] != "float32", "devices": 1,
+          "output_stride": output_stride,
           "channels_last": channels_last, "torch": torch.__version__,
           "torch_threads": torch.get_num_threads(), "platform": t["device"]}
 
 
 def measure_train_step(batch: int, crop: int, num_classes: int, *, steps: int = 10,
                        warmup: int = 2, repeats: int = 1, channels_last: bool = True,
-                       output_stride: int = 16, lr: float = 0.01, threads: int = 0
-                       ) -> dict[str, Any]:
-  """Times the eager PyTorch CAM step (forward, loss, backward, SGD) on random data."""
-  t = _setup(batch, crop, num_classes, channels_last, output_stride, lr, threads)
+                       output_stride: int = 16, lr: float = 0.01, threads: int = 0,
+                       dtype: str = "float32") -> dict[str, Any]:
+  """Times the eager PyTorch CAM step (forward, loss, backward, SGD) on random data;
+  `dtype='bfloat16'` runs forward and loss under autocast (module docstring)."""
+  t = _setup(batch, crop, num_classes, channels_last, output_stride, lr, threads, dtype)
   model, opt, loss_fn = t["model"], t["opt"], t["loss_fn"]
   losses = []
 
   def step():
     opt.zero_grad(set_to_none=True)
-    logits, _ = model(t["images"])
-    loss = loss_fn(logits, t["labels"])
+    with t["autocast"]():
+      logits, _ = model(t["images"])
+      loss = loss_fn(logits, t["labels"])
     loss.backward()
     opt.step()
     losses.append(loss)
@@ -185,24 +204,27 @@ def measure_train_step(batch: int, crop: int, num_classes: int, *, steps: int = 
 
 def measure_breakdown(batch: int, crop: int, num_classes: int, *, steps: int = 5,
                       warmup: int = 1, repeats: int = 1, channels_last: bool = True,
-                      output_stride: int = 16, lr: float = 0.01, threads: int = 0
-                      ) -> list[dict[str, Any]]:
+                      output_stride: int = 16, lr: float = 0.01, threads: int = 0,
+                      dtype: str = "float32") -> list[dict[str, Any]]:
   """The eager step cut into the phases of `bench/breakdown.py` (forward in eval and train
-  mode without autograd, forward + backward, the full step)."""
-  t = _setup(batch, crop, num_classes, channels_last, output_stride, lr, threads)
+  mode without autograd, forward + backward, the full step), in `dtype` as
+  `measure_train_step`."""
+  t = _setup(batch, crop, num_classes, channels_last, output_stride, lr, threads, dtype)
   torch, model, opt, loss_fn = t["torch"], t["model"], t["opt"], t["loss_fn"]
 
   def fwd(train: bool):
     def fn():
       model.train(train)
-      with torch.no_grad():
+      with torch.no_grad(), t["autocast"]():
         model(t["images"])
     return fn
 
   def fwd_bwd():
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss_fn(model(t["images"])[0], t["labels"]).backward()
+    with t["autocast"]():
+      loss = loss_fn(model(t["images"])[0], t["labels"])
+    loss.backward()
 
   def step():
     fwd_bwd()

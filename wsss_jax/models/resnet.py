@@ -75,7 +75,8 @@ class ResNet(nn.Module):
     num_classes: > 0 adds the ImageNet classifier `fc` (GAP -> Dense) -> `logits`.
     pointwise_impl: 1x1 convs as 'dot' (matmuls), 'conv' or 'auto' (dot on CPU;
       `models/lowering.py`).
-    maxpool_impl: the stem's max pool as 'shift', 'window' or 'auto' (= window).
+    maxpool_impl: the stem's max pool as 'argmax', 'shift', 'window' or 'auto' (argmax on
+      CPU, window elsewhere).
     dtype: compute dtype (params stay float32).
 
   Call: `(x [B, H, W, 3] normalised, train) -> dict` with `layer1..layer4`, `stride{s}`
