@@ -54,6 +54,29 @@ def test_kmeans_matches_numpy(spherical):
                                 np.bincount(ref_assign[mask], minlength=4))
 
 
+def test_first_argmax_matches_numpy_ties_and_infinities():
+  rng = np.random.default_rng(11)
+  # Small integers make ties common; the first (lowest) index must win, as in np.argmax.
+  score = rng.integers(0, 4, size=(3, 50, 7)).astype(np.float32)
+  score[0, 0] = 2.0                    # a row that is one long tie
+  score[0, 1] = -np.inf                # all -inf
+  score[0, 2, 3] = np.inf              # one +inf
+  score[0, 3, [1, 5]] = np.inf         # tied +inf: the first
+  got = jax.jit(km.first_argmax)(jnp.asarray(score))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmax(score, axis=-1))
+  assert [int(v) for v in got[0, :4]] == [0, 0, 3, 1]
+  for axis in (0, 1):
+    np.testing.assert_array_equal(km.first_argmax(jnp.asarray(score), axis=axis),
+                                  np.argmax(score, axis=axis))
+  # NaN rows: a valid index (0), never K.
+  nan_row = jnp.asarray([[1.0, jnp.nan, 3.0]])
+  assert int(km.first_argmax(nan_row)[0]) == 0
+  # No variadic (value, index) reduce, the op that XLA:CPU does not vectorise.
+  prims = {e.primitive.name for e in jax.make_jaxpr(km.first_argmax)(score).eqns}
+  assert "argmax" not in prims and "reduce_max" in prims and "reduce_min" in prims
+
+
 def test_kmeans_empty_cluster_keeps_its_centre_and_center_mask():
   x = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]], np.float32)
   init = np.array([[0.0, 0.0], [5.0, 5.0], [100.0, 100.0], [0.05, 0.0]], np.float32)
