@@ -121,6 +121,9 @@ def optim_config(runlocal: bool) -> mlc.ConfigDict:
                                   head_bias=20.0))
   o.no_decay_bias = True
   o.frozen = ()                # regexes of parameter paths that do not train
+  # With model.frozen_bn: also freeze the BatchNorm scales and biases (False: IRN's
+  # FixedBatchNorm, fixed statistics with a trained affine).
+  o.freeze_bn_affine = True
   o.pretrained_regex = "^backbone(/|$)"  # paths that get the `pretrained` multipliers
   o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8   # adamw
   return o
@@ -141,7 +144,8 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       weights_path="",          # torchvision/timm file for ResNet; '' = none available
       output_stride=16,
       norm="batch",             # batch | group (heads)
-      frozen_bn=False,
+      frozen_bn=False,          # BatchNorm uses its (ImageNet) running statistics
+      frozen_stride=0,          # >0: stem and stages of nominal stride <= this are frozen
       pool="gap",               # gap | tap
       dtype="float32",          # compute dtype: float32 | bfloat16
       # How layers are lowered (models/lowering.py): auto = the fast form on CPU
@@ -173,6 +177,7 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       bg_threshold=0.05, crf="label", crf_iters=10))
   c.seg = mlc.ConfigDict(dict(
       pseudo_source="pseudo",   # pseudo | gt (fully supervised upper bound)
+      decoder="deeplabv3plus",  # deeplabv3plus | light (models/heads.py LightSegHead)
       num_steps=150 if runlocal else 20000, lr=0.007, batch_size=16,
       scales=(1.0,) if runlocal else (0.5, 1.0, 1.5, 2.0), flip=True, crf=False))
   return c

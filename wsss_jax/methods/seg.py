@@ -16,6 +16,8 @@ from wsss_jax.methods import base
 from wsss_jax.ops import resize
 
 IGNORE = 255
+# config.seg.decoder -> models.build_model kind.
+DECODERS = {"deeplabv3plus": "deeplab", "light": "light_seg"}
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
@@ -42,11 +44,15 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
 
 def make_seg_method(config: Any, num_classes: int, *,
                     model: nn.Module | None = None) -> base.Method:
-  """DeepLabV3+ (`config.model`) trained with `pixel_cross_entropy`."""
+  """The segmentation model (`config.model`, decoder `config.seg.decoder`: DeepLabV3+ or
+  the light decoder) trained with `pixel_cross_entropy`."""
   load_pretrained = None
   if model is None:
     from wsss_jax import models
-    model = models.build_model(config.model, num_classes, kind="deeplab")
+    decoder = config.seg.get("decoder", "deeplabv3plus")
+    if decoder not in DECODERS:
+      raise ValueError(f"config.seg.decoder={decoder!r}; expected one of {list(DECODERS)}")
+    model = models.build_model(config.model, num_classes, kind=DECODERS[decoder])
     if config.model.get("pretrained", False):
       load_pretrained = lambda variables: models.load_pretrained(config.model, variables)
   smoothing = float(config.seg.get("label_smoothing", 0.0))

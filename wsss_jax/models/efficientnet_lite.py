@@ -18,6 +18,12 @@ forward+backward; WEIGHTS.md), and so is the weight gradient of the dot form
 (`models/lowering.py`). `'auto'` picks shift and dot on CPU, XLA's convolutions
 elsewhere (measure on GPU/TPU before relying on either).
 
+Frozen stages (`frozen_stride` > 0): the stem and every stage whose nominal stride (the
+stride it has without dilation) is at most `frozen_stride` run with their running BatchNorm
+statistics and behind a `stop_gradient`, so the train step computes no backward pass for
+them (`frozen_param_regex` names their parameters for the optimizer). Lite0 at
+`frozen_stride=8`: the stem and stages 0-2, the calibration recipe's freezing.
+
 CAM features: `out` is the 1280-ch head conv (+BN+ReLU6) output, the map the ImageNet
 classifier pools, at stride `output_stride`; `include_head=False` uses the last block's
 output instead (320 ch for Lite0).
@@ -131,6 +137,8 @@ class EfficientNetLite(nn.Module):
     variant: 'lite0' ... 'lite4' (ImageNet weights exist for lite0 and lite2).
     output_stride: 32, 16 or 8.
     frozen_bn: always use the running BN statistics (train flag ignored for BN).
+    frozen_stride: freeze the stem and the stages of nominal stride <= this (0: none):
+      running BN statistics and no gradient (see the module docstring).
     depthwise_impl: 'shift' | 'grouped' | 'auto'.
     pointwise_impl: 'dot' | 'conv' | 'auto' (1x1 convs).
     include_head: compute the 1280-ch head conv; `out` is its output if True.
@@ -144,6 +152,7 @@ class EfficientNetLite(nn.Module):
   variant: str = "lite0"
   output_stride: int = 32
   frozen_bn: bool = False
+  frozen_stride: int = 0
   depthwise_impl: str = "auto"
   pointwise_impl: str = "auto"
   include_head: bool = True
@@ -154,14 +163,19 @@ class EfficientNetLite(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     if self.output_stride not in (8, 16, 32):
       raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
-    bn = lambda name: BatchNorm(use_running_average=not train or self.frozen_bn,
-                                momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=name)
+    frozen = lambda nominal: nominal <= self.frozen_stride
+    bn = lambda name, stats_frozen: BatchNorm(
+        use_running_average=not train or stats_frozen, momentum=0.99, epsilon=1e-3,
+        dtype=self.dtype, name=name)
     x = x.astype(self.dtype)
     x = nn.Conv(STEM_FILTERS, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, name="stem_conv")(x)
-    x = nn.relu6(bn("stem_bn")(x))
+    x = nn.relu6(bn("stem_bn", self.frozen_bn or frozen(2))(x))
+    if frozen(2):
+      x = jax.lax.stop_gradient(x)
     feats, stride, dilation = {}, 2, 1
-    for s, spec in enumerate(lite_stages(self.variant)):
+    for s, (spec, nominal) in enumerate(zip(lite_stages(self.variant),
+                                            stage_nominal_strides(self.variant))):
       for j in range(spec.repeats):
         block_stride, block_dilation = 1, dilation
         if j == 0 and spec.stride == 2:
@@ -170,20 +184,44 @@ class EfficientNetLite(nn.Module):
           else:  # Dilate instead: this block keeps the old dilation, later ones double it.
             dilation *= 2
         x = MBConv(spec, spec.in_filters if j == 0 else spec.out_filters, block_stride,
-                   block_dilation, self.frozen_bn, self.depthwise_impl,
+                   block_dilation, self.frozen_bn or frozen(nominal), self.depthwise_impl,
                    self.pointwise_impl, self.dtype,
                    name=f"stage{s}_{j}")(x, train)
+        if frozen(nominal):  # No backward pass into frozen layers (XLA drops it).
+          x = jax.lax.stop_gradient(x)
         stride *= block_stride
         feats[f"stride{stride}"] = x
     if self.include_head:
       x = nn.Conv(HEAD_FILTERS, (1, 1), use_bias=False, dtype=self.dtype, name="head_conv",
                   conv_general_dilated=conv_general_dilated_fn(self.pointwise_impl))(x)
-      x = nn.relu6(bn("head_bn")(x))
+      x = nn.relu6(bn("head_bn", self.frozen_bn)(x))
     feats["out"] = x
     if self.num_classes:
       pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
       feats["logits"] = nn.Dense(self.num_classes, name="classifier")(pooled)
     return feats
+
+
+def stage_nominal_strides(variant: str) -> list[int]:
+  """The stride of each stage's output without dilation: [2, 4, 8, 16, 16, 32, 32]."""
+  strides, stride = [], 2
+  for spec in lite_stages(variant):
+    stride *= spec.stride
+    strides.append(stride)
+  return strides
+
+
+def frozen_param_regex(variant: str, frozen_stride: int) -> str:
+  r"""Regex (relative to the backbone) of the parameters `frozen_stride` freezes, '' = none.
+
+  E.g. Lite0 at 8: `^(stem_conv|stem_bn|stage0_\d+|stage1_\d+|stage2_\d+)(/|$)`.
+  """
+  if frozen_stride < 2:
+    return ""
+  names = ["stem_conv", "stem_bn"] + [
+      rf"stage{s}_\d+" for s, nominal in enumerate(stage_nominal_strides(variant))
+      if nominal <= frozen_stride]
+  return rf"^({'|'.join(names)})(/|$)"
 
 
 def torch_key_map(variant: str, with_classifier: bool) -> list[tuple[str, tuple[str, ...],

@@ -187,6 +187,38 @@ class DeepLabV3PlusHead(nn.Module):
     return {"seg_logits": logits.astype(jnp.float32), "features": feats.astype(jnp.float32)}
 
 
+class LightSegHead(nn.Module):
+  """A light DeepLabV3+-style decoder (no ASPP), the segmenter of ../shared/CALIBRATION.md.
+
+  high 1x1 conv-norm-ReLU -> `high_width`; low 1x1 conv-norm-ReLU -> 48; high resized
+  (bilinear, half-pixel) to the low map's size, concatenated; 3x3 conv-norm-ReLU -> `width`;
+  1x1 conv (with bias) -> `num_classes`. On EfficientNet-Lite0 at 256² with high = the
+  1280-ch head conv (stride 16) and low = the stride-8 map it costs ~0.5 GFLOP per image,
+  against ~12 for the 256-ch DeepLabV3+ decoder at stride 4.
+
+  Call: (high [B, h, w, Ch], low [B, H/8, W/8, Cl], train) ->
+    {'seg_logits': [B, H/8, W/8, C], 'features': [B, H/8, W/8, high_width + 48]} (float32).
+  """
+  num_classes: int
+  norm: str = "batch"
+  num_groups: int = 4
+  dtype: Any = jnp.float32
+  high_width: int = 256
+  width: int = 128
+
+  @nn.compact
+  def __call__(self, high: jax.Array, low: jax.Array, train: bool) -> dict[str, jax.Array]:
+    kw = dict(norm=self.norm, num_groups=self.num_groups, dtype=self.dtype)
+    y = ConvNormReLU(self.high_width, 1, name="high_proj", **kw)(high, train)
+    b, h, w, _ = low.shape
+    y = jax.image.resize(y, (b, h, w, y.shape[-1]), "bilinear")
+    low = ConvNormReLU(48, 1, name="low_proj", **kw)(low, train)
+    feats = jnp.concatenate([y.astype(low.dtype), low], axis=-1)
+    z = ConvNormReLU(self.width, 3, name="fuse", **kw)(feats, train)
+    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(z)
+    return {"seg_logits": logits.astype(jnp.float32), "features": feats.astype(jnp.float32)}
+
+
 class ProjectionHead(nn.Module):
   """3x3 conv-norm-ReLU (hidden) then 1x1 conv (with bias) to `dim`.
 

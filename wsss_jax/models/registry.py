@@ -12,7 +12,7 @@ take normalised float32 NHWC images and `train`; with `train=True` the DeepLab m
 `rngs={'dropout': key}` and BN layers need `mutable=['batch_stats']` (unless frozen).
 
 `config.model` keys read: backbone, pretrained, weights_path, output_stride, norm,
-frozen_bn, pool, dtype; optional: depthwise_impl, pointwise_impl, maxpool_impl ('auto'; all
+frozen_bn, frozen_stride, pool, dtype; optional: depthwise_impl, pointwise_impl, maxpool_impl ('auto'; all
 in `models/lowering.py`), num_groups (4),
 tap_threshold (0.1).
 """
@@ -24,14 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.models import efficientnet_lite
+from wsss_jax.models import resnet
 from wsss_jax.models import weights
 from wsss_jax.models.efficientnet_lite import LITE_PARAMS, EfficientNetLite
-from wsss_jax.models.heads import CAMHead, DeepLabV3PlusHead, backbone_pointwise_impl
+from wsss_jax.models.heads import (CAMHead, DeepLabV3PlusHead, LightSegHead,
+                                   backbone_pointwise_impl)
 from wsss_jax.models.resnet import RESNET_LAYERS, ResNet
 
 BACKBONES = tuple([f"efficientnet_{v}" for v in LITE_PARAMS] +
                   [f"resnet{d}" for d in RESNET_LAYERS])
-KINDS = ("cam", "deeplab")
+KINDS = ("cam", "deeplab", "light_seg")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -59,6 +62,7 @@ def build_backbone(model_cfg: Any, include_head: bool = True) -> nn.Module:
   name = _cfg(model_cfg, "backbone")
   common = dict(output_stride=int(_cfg(model_cfg, "output_stride", 16)),
                 frozen_bn=bool(_cfg(model_cfg, "frozen_bn", False)),
+                frozen_stride=int(_cfg(model_cfg, "frozen_stride", 0)),
                 pointwise_impl=_cfg(model_cfg, "pointwise_impl", "auto"),
                 dtype=compute_dtype(model_cfg))
   if name in BACKBONES and name.startswith("efficientnet_"):
@@ -69,6 +73,25 @@ def build_backbone(model_cfg: Any, include_head: bool = True) -> nn.Module:
     return ResNet(depth=int(name[len("resnet"):]),
                   maxpool_impl=_cfg(model_cfg, "maxpool_impl", "auto"), **common)
   raise ValueError(f"Unknown model.backbone {name!r}; choose from {list(BACKBONES)}")
+
+
+def frozen_param_regexes(model_cfg: Any) -> tuple[str, ...]:
+  """Regexes of the parameter paths `model.frozen_stride` freezes (() when 0).
+
+  Every model built here holds its backbone under `backbone`, so the backbone's own regex
+  is anchored there; the optimizer gives these parameters no update and no state.
+  """
+  frozen_stride = int(_cfg(model_cfg, "frozen_stride", 0))
+  if frozen_stride <= 0:
+    return ()
+  name = _cfg(model_cfg, "backbone")
+  if name.startswith("efficientnet_"):
+    inner = efficientnet_lite.frozen_param_regex(name[len("efficientnet_"):], frozen_stride)
+  elif name.startswith("resnet"):
+    inner = resnet.frozen_param_regex(int(name[len("resnet"):]), frozen_stride)
+  else:
+    raise ValueError(f"Unknown model.backbone {name!r}; choose from {list(BACKBONES)}")
+  return (r"^backbone/" + inner[1:],) if inner else ()
 
 
 class CAMNet(nn.Module):
@@ -112,13 +135,31 @@ class DeepLabV3Plus(nn.Module):
                                  feats["out"], feats["stride4"], train)
 
 
+class LightSegNet(nn.Module):
+  """Backbone + `LightSegHead` on its `out` (stride OS) and `stride8` maps.
+
+  Call: (images [B, H, W, 3], train) -> {'seg_logits': [B, H/8, W/8, C], 'features': ...}.
+  """
+  backbone: nn.Module
+  num_classes: int
+  norm: str = "batch"
+  num_groups: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    feats = self.backbone(images, train=train)
+    return LightSegHead(self.num_classes, self.norm, self.num_groups, self.dtype,
+                        name="decoder")(feats["out"], feats["stride8"], train)
+
+
 def build_model(model_cfg: Any, num_classes: int, kind: str) -> nn.Module:
   """Builds a model from `config.model`.
 
   Args:
     model_cfg: the `config.model` block (ConfigDict or mapping).
     num_classes: C, background included.
-    kind: 'cam' (CAMNet) or 'deeplab' (DeepLabV3Plus).
+    kind: 'cam' (CAMNet), 'deeplab' (DeepLabV3Plus) or 'light_seg' (LightSegNet).
   """
   if num_classes < 2:
     raise ValueError(f"num_classes counts background and must be >= 2, got {num_classes}")
@@ -134,6 +175,11 @@ def build_model(model_cfg: Any, num_classes: int, kind: str) -> nn.Module:
                          output_stride=int(_cfg(model_cfg, "output_stride", 16)),
                          norm=_cfg(model_cfg, "norm", "batch"),
                          num_groups=int(_cfg(model_cfg, "num_groups", 4)), dtype=dtype)
+  if kind == "light_seg":
+    # The head conv's features (what the CAMs use) plus the stride-8 map.
+    return LightSegNet(build_backbone(model_cfg, include_head=True), num_classes,
+                       norm=_cfg(model_cfg, "norm", "batch"),
+                       num_groups=int(_cfg(model_cfg, "num_groups", 4)), dtype=dtype)
   raise ValueError(f"Unknown model kind {kind!r}; choose from {list(KINDS)}")
 
 

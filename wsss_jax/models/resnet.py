@@ -23,6 +23,8 @@ from wsss_jax.models.lowering import conv_general_dilated_fn, max_pool
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _PLANES = (64, 128, 256, 512)
 _EXPANSION = 4
+# Stride of each layer's output without dilation (conv1 + max pool: 4).
+_LAYER_NOMINAL_STRIDES = (4, 8, 16, 32)
 
 
 def _bn(train: bool, frozen: bool, dtype: Any, name: str) -> BatchNorm:
@@ -72,6 +74,9 @@ class ResNet(nn.Module):
     depth: 50, 101 or 152.
     output_stride: 32, 16 or 8.
     frozen_bn: always use the running BN statistics (train flag ignored for BN).
+    frozen_stride: freeze the stem and the layers of nominal stride <= this (0: none;
+      8: conv1, layer1, layer2): running BN statistics and a `stop_gradient` after them,
+      so the step has no backward pass there (`frozen_param_regex` names their params).
     num_classes: > 0 adds the ImageNet classifier `fc` (GAP -> Dense) -> `logits`.
     pointwise_impl: 1x1 convs as 'dot' (matmuls), 'conv' or 'auto' (dot on CPU;
       `models/lowering.py`).
@@ -86,6 +91,7 @@ class ResNet(nn.Module):
   depth: int = 50
   output_stride: int = 16
   frozen_bn: bool = False
+  frozen_stride: int = 0
   num_classes: int = 0
   pointwise_impl: str = "auto"
   maxpool_impl: str = "auto"
@@ -99,10 +105,14 @@ class ResNet(nn.Module):
       raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
     x = x.astype(self.dtype)
     x = _conv(64, 7, 2, dtype=self.dtype, pointwise_impl=self.pointwise_impl, name="conv1")(x)
-    x = nn.relu(_bn(train, self.frozen_bn, self.dtype, "bn1")(x))
+    frozen = lambda nominal: nominal <= self.frozen_stride
+    x = nn.relu(_bn(train, self.frozen_bn or frozen(2), self.dtype, "bn1")(x))
     x = max_pool(x, 3, 2, 1, self.maxpool_impl)
+    if frozen(2):
+      x = jax.lax.stop_gradient(x)
     feats, stride, dilation, in_ch = {}, 4, 1, 64
     for i, (blocks, planes) in enumerate(zip(RESNET_LAYERS[self.depth], _PLANES)):
+      nominal = _LAYER_NOMINAL_STRIDES[i]
       layer_stride, first_dilation = (1 if i == 0 else 2), dilation
       if layer_stride == 2 and stride * 2 > self.output_stride:
         layer_stride, dilation = 1, dilation * 2
@@ -112,8 +122,10 @@ class ResNet(nn.Module):
             planes, stride=layer_stride if first else 1,
             dilation=first_dilation if first else dilation,
             downsample=first and (layer_stride != 1 or in_ch != planes * _EXPANSION),
-            frozen_bn=self.frozen_bn, pointwise_impl=self.pointwise_impl, dtype=self.dtype,
-            name=f"layer{i + 1}_{j}")(x, train)
+            frozen_bn=self.frozen_bn or frozen(nominal), pointwise_impl=self.pointwise_impl,
+            dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+        if frozen(nominal):  # No backward pass into frozen layers (XLA drops it).
+          x = jax.lax.stop_gradient(x)
         in_ch = planes * _EXPANSION
       stride *= layer_stride
       feats[f"layer{i + 1}"] = feats[f"stride{stride}"] = x
@@ -122,6 +134,19 @@ class ResNet(nn.Module):
       pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
       feats["logits"] = nn.Dense(self.num_classes, name="fc")(pooled)
     return feats
+
+
+def frozen_param_regex(depth: int, frozen_stride: int) -> str:
+  r"""Regex (relative to the backbone) of the parameters `frozen_stride` freezes, '' = none.
+
+  E.g. at 8: `^(conv1|bn1|layer1_\d+|layer2_\d+)(/|$)`.
+  """
+  del depth  # Every depth has the same four layers.
+  if frozen_stride < 2:
+    return ""
+  names = ["conv1", "bn1"] + [rf"layer{i + 1}_\d+" for i, nominal in
+                              enumerate(_LAYER_NOMINAL_STRIDES) if nominal <= frozen_stride]
+  return rf"^({'|'.join(names)})(/|$)"
 
 
 def torch_key_map(depth: int, with_classifier: bool) -> list[tuple[str, tuple[str, ...], str]]:

@@ -9,7 +9,7 @@ from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops import crf as crf_lib
 
 IGNORE = cam_ops.IGNORE_INDEX
-MODES = ("threshold", "double", "crf")
+MODES = ("threshold", "threshold_crf", "double", "crf")
 
 
 def pseudo_labels(cams: jax.Array, labels: jax.Array, images: jax.Array, valid: jax.Array,
@@ -24,8 +24,10 @@ def pseudo_labels(cams: jax.Array, labels: jax.Array, images: jax.Array, valid: 
       background + these classes).
     images: [B, H, W, 3] RGB in 0..255 (used by the CRF only).
     valid: bool [B, H, W]; False pixels (padding) get 255.
-    mode: 'threshold' (argmax at fg_threshold), 'double' (IRN double threshold, 255
-      between), 'crf' (IRN: each threshold's argmax refined by the label CRF, combined).
+    mode: 'threshold' (argmax at fg_threshold), 'threshold_crf' (that argmax refined by
+      the label CRF over background + the image's classes: the calibration pipeline's
+      labels, no unsure pixels), 'double' (IRN double threshold, 255 between), 'crf' (IRN:
+      each threshold's argmax refined by the label CRF, combined).
     fg_threshold, bg_threshold: background plane values (bg_threshold: double/crf only).
     crf_params, crf_iters, gt_prob: the label CRF (METHODS §1.3).
 
@@ -34,6 +36,10 @@ def pseudo_labels(cams: jax.Array, labels: jax.Array, images: jax.Array, valid: 
   """
   if mode == "threshold":
     return cam_ops.cams_to_labels(cams, labels, fg_threshold, valid)
+  if mode == "threshold_crf":
+    return cam_ops.crf_refine_labels(
+        cam_ops.cams_to_labels(cams, labels, fg_threshold, valid), labels,
+        jnp.asarray(images), crf_params, crf_iters, gt_prob, valid)
   if mode == "double":
     return cam_ops.double_threshold_labels(cams, labels, fg_threshold, bg_threshold, valid)
   if mode == "crf":

@@ -10,9 +10,11 @@ Parameter groups (METHODS.md §1.4, §7.3), chosen by the parameter's path
 | `pretrained_bias` | same, leaf named `bias` (BatchNorm bias too)   | `pretrained_bias` (x2)          |
 | `head`            | everything else, not `bias`                    | `head` (x10)                    |
 | `head_bias`       | everything else, `bias`                        | `head_bias` (x20)               |
-| `frozen`          | path matches any regex in `optim.frozen`       | no update (`set_to_zero`)       |
-|                   | (`re.search`), or a BatchNorm layer's params    |                                 |
-|                   | when `model.frozen_bn`                          |                                 |
+| `frozen`          | path matches any regex in `optim.frozen`       | no update (`set_to_zero`),      |
+|                   | (`re.search`) or in the model's frozen stages  | no optimizer state              |
+|                   | (`model.frozen_stride`), or a BatchNorm layer's |                                 |
+|                   | params when `model.frozen_bn` and               |                                 |
+|                   | `optim.freeze_bn_affine`                        |                                 |
 
 This is the PNOC/PSA split: a BatchNorm `scale` counts as a weight, its `bias` as a bias.
 BatchNorm layers are recognised structurally (their module path also holds `batch_stats`),
@@ -96,7 +98,8 @@ def _norm_layer_paths(batch_stats: PyTree) -> set[str]:
 
 
 def param_labels(params: PyTree, optim_cfg: Mapping[str, Any], *,
-                 batch_stats: PyTree = None, frozen_bn: bool = False) -> PyTree:
+                 batch_stats: PyTree = None, frozen_bn: bool = False,
+                 extra_frozen: tuple[str, ...] = ()) -> PyTree:
   """Label per parameter: `frozen`, or a group from `GROUPS`, + '/nodecay' when undecayed.
 
   Args:
@@ -104,6 +107,8 @@ def param_labels(params: PyTree, optim_cfg: Mapping[str, Any], *,
     optim_cfg: `config.optim`.
     batch_stats: the batch_stats pytree; needed to find BatchNorm layers for `frozen_bn`.
     frozen_bn: freeze every BatchNorm layer's scale and bias.
+    extra_frozen: further regexes of frozen paths (the model's frozen stages,
+      `models.frozen_param_regexes`).
 
   Returns:
     A pytree of strings with the structure of `params`.
@@ -112,7 +117,7 @@ def param_labels(params: PyTree, optim_cfg: Mapping[str, Any], *,
   frozen = optim_cfg.get("frozen", ()) or ()
   if isinstance(frozen, str):  # `--config.optim.frozen='^backbone/stem,^backbone/layer1'`
     frozen = [f for f in frozen.split(",") if f]
-  frozen_res = [re.compile(r) for r in frozen]
+  frozen_res = [re.compile(r) for r in list(frozen) + list(extra_frozen)]
   bn_paths = _norm_layer_paths(batch_stats) if frozen_bn else set()
   no_decay = bool(optim_cfg.get("no_decay_bias", True))
 
@@ -180,7 +185,8 @@ class Optimizer:
 
 
 def make_optimizer(optim_cfg: Mapping[str, Any], num_steps: int, params: PyTree, *,
-                   batch_stats: PyTree = None, frozen_bn: bool = False) -> Optimizer:
+                   batch_stats: PyTree = None, frozen_bn: bool = False,
+                   extra_frozen: tuple[str, ...] = ()) -> Optimizer:
   """Builds the optimizer for `params` (arrays or abstract `ShapeDtypeStruct`s).
 
   Args:
@@ -190,9 +196,12 @@ def make_optimizer(optim_cfg: Mapping[str, Any], num_steps: int, params: PyTree,
     num_steps: total number of updates (`config.train.num_steps`), for the schedule.
     params: the params pytree.
     batch_stats: the batch_stats pytree (finds BatchNorm layers for `frozen_bn`).
-    frozen_bn: `config.model.frozen_bn`.
+    frozen_bn: freeze BatchNorm scales and biases (`config.model.frozen_bn` and
+      `config.optim.freeze_bn_affine`).
+    extra_frozen: further regexes of frozen parameter paths (the model's frozen stages).
   """
-  labels = param_labels(params, optim_cfg, batch_stats=batch_stats, frozen_bn=frozen_bn)
+  labels = param_labels(params, optim_cfg, batch_stats=batch_stats, frozen_bn=frozen_bn,
+                        extra_frozen=extra_frozen)
   schedule = make_schedule(optim_cfg, num_steps)
   mult_cfg = optim_cfg.get("lr_mult", {}) or {}
   lr_mult = {g: float(mult_cfg.get(g, 1.0)) for g in GROUPS}

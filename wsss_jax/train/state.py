@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from wsss_jax import models
 from wsss_jax.methods.base import Method
 from wsss_jax.train import mesh as mesh_lib
 from wsss_jax.train import optim as optim_lib
@@ -75,9 +76,13 @@ def make_optimizer_for(method: Method, config: Any,
                        sample_batch_shapes: Mapping[str, Any]) -> optim_lib.Optimizer:
   """The optimizer from `config.optim` for this method's (abstract) params."""
   v = abstract_variables(method, sample_batch_shapes)
+  # Frozen BatchNorm statistics (model.frozen_bn) freeze the BN affine parameters too unless
+  # optim.freeze_bn_affine=False (IRN's FixedBatchNorm: fixed statistics, trained affine).
+  frozen_bn = (bool(config.model.get("frozen_bn", False))
+               and bool(config.optim.get("freeze_bn_affine", True)))
   return optim_lib.make_optimizer(
       config.optim, int(config.train.num_steps), v["params"], batch_stats=v["batch_stats"],
-      frozen_bn=bool(config.model.get("frozen_bn", False)))
+      frozen_bn=frozen_bn, extra_frozen=models.frozen_param_regexes(config.model))
 
 
 def _base_key(config: Any) -> jax.Array:
