@@ -159,6 +159,35 @@ def test_double_threshold_labels_crf_keeps_confident_regions():
   np.testing.assert_array_equal(out, expected)
 
 
+def test_crf_refine_labels_on_the_present_classes_only_equals_all_channels():
+  # Random smooth images and label maps over 6 foreground classes, 0-2 present per image
+  # (+ stray labels of absent classes and 255s, both "unsure"): the CRF on the
+  # background + present channels (max_labels=4) gives the full 7-channel result.
+  rng = np.random.default_rng(0)
+  b, h, w, k = 4, 20, 24, 6
+  images = np.repeat(np.repeat(rng.integers(0, 256, (b, 5, 6, 3)), 4, 1), 4, 2)
+  labels = np.zeros((b, k), np.float32)
+  for i, present in enumerate([[], [2], [0, 5], [1, 3, 4]]):
+    labels[i, present] = 1.0
+  maps = np.zeros((b, h, w), np.int32)
+  for i in range(b):
+    ids = np.concatenate([[0], np.flatnonzero(labels[i]) + 1])
+    maps[i] = np.repeat(np.repeat(rng.choice(ids, (5, 6)), 4, 0), 4, 1)
+  maps[1, 0, :5] = 4      # an absent class: unsure
+  maps[2, 3, 3:9] = 255   # unsure
+  valid = np.ones((b, h, w), bool)
+  valid[3, -3:] = False
+  full = cam_ops.crf_refine_labels(maps, labels, images, num_iters=5, valid=valid)
+  compact = jax.jit(lambda *a: cam_ops.crf_refine_labels(*a, num_iters=5, valid=valid,
+                                                         max_labels=4))(maps, labels, images)
+  np.testing.assert_array_equal(compact, full)
+  # The refinement did something and only ever gives background or a present class.
+  assert (np.asarray(full) != maps).any()
+  for i in range(b):
+    allowed = {0, 255} | set((np.flatnonzero(labels[i]) + 1).tolist())
+    assert set(np.unique(np.asarray(compact[i])).tolist()) <= allowed
+
+
 THRESHOLDS = (0.45, 0.05, 0.3, 0.2, 0.15, 0.6)
 
 

@@ -250,7 +250,8 @@ def double_threshold_labels(cams: jax.Array, labels: jax.Array, fg_threshold,
 
 def crf_refine_labels(labels_map: jax.Array, image_labels: jax.Array, images: jax.Array,
                       params: crf_ops.CRFParams = crf_ops.LABEL_CRF, num_iters: int = 10,
-                      gt_prob: float = 0.7, valid: jax.Array | None = None) -> jax.Array:
+                      gt_prob: float = 0.7, valid: jax.Array | None = None,
+                      max_labels: int | None = None) -> jax.Array:
   """IRN `crf_inference_label` on class-id maps of a batch, over each image's classes.
 
   Args:
@@ -260,6 +261,11 @@ def crf_refine_labels(labels_map: jax.Array, image_labels: jax.Array, images: ja
     images: [B, H, W, 3] RGB 0..255 (the de-normalised image).
     params, num_iters, gt_prob: label CRF (METHODS §1.3: LABEL_CRF, 10, 0.7).
     valid: optional bool [B, H, W].
+    max_labels: static L; when given (and < K+1) the CRF runs on L channels holding each
+      image's background + present classes in id order (the mean field's cost grows with
+      the channel count; IRN's CRF has exactly these channels). Same result as the full
+      K+1 channels as long as no image has more than L - 1 classes (the caller's duty:
+      further classes would be dropped).
 
   Returns:
     int32 [B, H, W] refined class ids (255 outside `valid`).
@@ -267,10 +273,30 @@ def crf_refine_labels(labels_map: jax.Array, image_labels: jax.Array, images: ja
   k = image_labels.shape[-1]
   active = jnp.concatenate([jnp.ones(image_labels.shape[:-1] + (1,), bool),
                             jnp.asarray(image_labels) > 0], axis=-1)          # [B, K+1]
-  unary = jax.vmap(lambda lab, m: crf_ops.unary_from_labels(
-      lab, k + 1, gt_prob, zero_unsure=False, label_mask=m))(labels_map, active)
-  q = crf_ops.dense_crf_batch(unary, images, params, num_iters, valid=valid)
-  out = jnp.argmax(q, axis=-1).astype(jnp.int32)
+  labels_map = jnp.asarray(labels_map).astype(jnp.int32)
+  if max_labels is not None and max_labels < k + 1:
+    # slot -> class id: the active ids first, in id order (stable sort).
+    slot_class = jnp.argsort(~active, axis=-1, stable=True)[:, :max_labels]  # [B, L]
+    slot_active = jnp.take_along_axis(active, slot_class, axis=-1)
+    # class id -> slot (max_labels = "unsure": not a channel of the compact CRF).
+    class_slot = jnp.full(active.shape, max_labels, jnp.int32)
+    class_slot = jax.vmap(lambda t, c, a: t.at[c].set(
+        jnp.where(a, jnp.arange(max_labels), max_labels)))(class_slot, slot_class,
+                                                           slot_active)
+    in_range = (labels_map >= 0) & (labels_map <= k)
+    compact = jax.vmap(lambda t, lab: t[lab])(class_slot, jnp.where(in_range, labels_map, 0))
+    compact = jnp.where(in_range, compact, max_labels)
+    unary = jax.vmap(lambda lab, m: crf_ops.unary_from_labels(
+        lab, max_labels, gt_prob, zero_unsure=False, label_mask=m))(compact, slot_active)
+    q = crf_ops.dense_crf_batch(unary, images, params, num_iters, valid=valid)
+    slot = jnp.argmax(q, axis=-1)
+    out = jnp.take_along_axis(slot_class, slot.reshape(slot.shape[0], -1), axis=-1)
+    out = out.reshape(slot.shape).astype(jnp.int32)
+  else:
+    unary = jax.vmap(lambda lab, m: crf_ops.unary_from_labels(
+        lab, k + 1, gt_prob, zero_unsure=False, label_mask=m))(labels_map, active)
+    q = crf_ops.dense_crf_batch(unary, images, params, num_iters, valid=valid)
+    out = jnp.argmax(q, axis=-1).astype(jnp.int32)
   if valid is not None:
     out = jnp.where(valid, out, IGNORE_INDEX)
   return out
@@ -280,7 +306,8 @@ def double_threshold_labels_crf(cams: jax.Array, labels: jax.Array, images: jax.
                                 fg_threshold, bg_threshold,
                                 params: crf_ops.CRFParams = crf_ops.LABEL_CRF,
                                 num_iters: int = 10, gt_prob: float = 0.7,
-                                valid: jax.Array | None = None) -> jax.Array:
+                                valid: jax.Array | None = None,
+                                max_labels: int | None = None) -> jax.Array:
   """IRN `cam_to_ir_label` / CSRM's on-the-fly pseudo labels (METHODS §2.3.1), on device.
 
   argmax at the fg threshold -> label CRF; argmax at the bg threshold -> label CRF; combine
@@ -293,6 +320,7 @@ def double_threshold_labels_crf(cams: jax.Array, labels: jax.Array, images: jax.
     fg_threshold, bg_threshold: background scores (IRN 0.30 / 0.05; AMN 0.45 / 0.15).
     params, num_iters, gt_prob: the label CRF.
     valid: optional bool [B, H, W].
+    max_labels: the CRF's channel count (`crf_refine_labels`); None = K+1.
 
   Returns:
     int32 [B, H, W] pseudo labels with 255 = unsure / invalid.
@@ -303,7 +331,7 @@ def double_threshold_labels_crf(cams: jax.Array, labels: jax.Array, images: jax.
   refined = crf_refine_labels(both, jnp.concatenate([labels, labels], axis=0),
                               jnp.concatenate([images, images], axis=0), params, num_iters,
                               gt_prob, None if valid is None else
-                              jnp.concatenate([valid, valid], axis=0))
+                              jnp.concatenate([valid, valid], axis=0), max_labels)
   b = cams.shape[0]
   return combine_double_threshold(refined[:b], refined[b:])
 

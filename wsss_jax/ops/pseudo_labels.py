@@ -15,7 +15,8 @@ MODES = ("threshold", "threshold_crf", "double", "crf")
 def pseudo_labels(cams: jax.Array, labels: jax.Array, images: jax.Array, valid: jax.Array,
                   *, mode: str, fg_threshold: float | jax.Array,
                   bg_threshold: float | jax.Array, crf_params: crf_lib.CRFParams,
-                  crf_iters: int = 10, gt_prob: float = 0.7) -> jax.Array:
+                  crf_iters: int = 10, gt_prob: float = 0.7,
+                  max_labels: int | None = None) -> jax.Array:
   """Pseudo-label maps for a batch.
 
   Args:
@@ -30,6 +31,8 @@ def pseudo_labels(cams: jax.Array, labels: jax.Array, images: jax.Array, valid: 
       each threshold's argmax refined by the label CRF, combined).
     fg_threshold, bg_threshold: background plane values (bg_threshold: double/crf only).
     crf_params, crf_iters, gt_prob: the label CRF (METHODS §1.3).
+    max_labels: static channel count of the CRF: 1 + the most classes any image has
+      (`ops.cam.crf_refine_labels`); None runs it on all C channels (same labels, slower).
 
   Returns:
     int32 [B, H, W] class ids, 255 = unsure / padding.
@@ -39,11 +42,11 @@ def pseudo_labels(cams: jax.Array, labels: jax.Array, images: jax.Array, valid: 
   if mode == "threshold_crf":
     return cam_ops.crf_refine_labels(
         cam_ops.cams_to_labels(cams, labels, fg_threshold, valid), labels,
-        jnp.asarray(images), crf_params, crf_iters, gt_prob, valid)
+        jnp.asarray(images), crf_params, crf_iters, gt_prob, valid, max_labels)
   if mode == "double":
     return cam_ops.double_threshold_labels(cams, labels, fg_threshold, bg_threshold, valid)
   if mode == "crf":
     return cam_ops.double_threshold_labels_crf(
         cams, labels, jnp.asarray(images), fg_threshold, bg_threshold, crf_params,
-        crf_iters, gt_prob, valid)
+        crf_iters, gt_prob, valid, max_labels)
   raise ValueError(f"pseudo mode {mode!r}; expected one of {MODES}")

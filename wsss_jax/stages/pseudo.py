@@ -89,6 +89,10 @@ def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
   meta = sources.get_meta(config.data)
   pc = config.pseudo
   params = CRF_PRESETS[pc.crf]
+  # The CRF runs over background + each image's classes: as many channels as the most
+  # classes an image of the split has (MSRC: 4 of 16), which sets its cost.
+  most = max(sources.split_statistics(config.data, split)["labels_per_image"])
+  max_labels = min(meta.num_classes, most + 1)
 
   def batch_fn(variables, batch):
     del variables  # pseudo-labels need no model
@@ -96,7 +100,7 @@ def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
     return {"pseudo": pseudo_labels.pseudo_labels(
         batch["cams"], batch["labels"], jnp.clip(images, 0, 255), batch["valid"],
         mode=pc.mode, fg_threshold=fg_t, bg_threshold=float(pc.bg_threshold),
-        crf_params=params, crf_iters=int(pc.crf_iters))}
+        crf_params=params, crf_iters=int(pc.crf_iters), max_labels=max_labels)}
 
   add = functools.partial(dense_cams_batch, cam_dir=cam_store.split_dir(workdir, split),
                           num_fg=meta.num_classes - 1)
