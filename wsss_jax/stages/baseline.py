@@ -1,22 +1,31 @@
-"""`baseline` stage: the CAM baseline that other methods start from.
+"""`baseline` stage: the CAM baseline that every method and the control start from.
 
-CSRM warm-starts from it (`config.train.init_from='baseline'`); SPML takes its CAM
+Methods warm-start from it (`config.train.init_from='baseline'`); SPML takes its CAM
 pseudo-labels from it (`config.cams.variables='baseline'`). It is the `cam` method trained
-for `config.baseline.num_steps` steps with the main config's data, model and optimizer
-(`config.baseline.lr` > 0 overrides the learning rate), written to `workdir/baseline/`
-like the `train` stage writes `workdir/train/` (resumable; `final_variables.msgpack` marks
-it complete). Reports `baseline_map` on `data.val_split`.
+for `config.baseline.num_steps` steps with the main config's data and model and the
+optimizer `config.baseline.optim` (when the config has that block; otherwise the main
+`config.optim` with `config.baseline.lr` > 0 overriding its learning rate), written to
+`workdir/baseline/` like the `train` stage writes `workdir/train/` (resumable;
+`final_variables.msgpack` marks it complete). Reports `baseline_map` on `data.val_split`.
+
+With `config.baseline.cache` (default on) a finished baseline is shared across work
+directories through `baseline_cache`: a run whose baseline settings, dataset and weights
+match a cached entry copies it instead of training (`baseline_cached: true` in
+results.json).
 """
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from absl import logging
 import ml_collections as mlc
 
 from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import sources
+from wsss_jax.models import weights
+from wsss_jax.stages import baseline_cache
 from wsss_jax.stages import inference
 from wsss_jax.stages import train as train_stage
 from wsss_jax.stages import workdir as wd
@@ -32,9 +41,28 @@ def baseline_config(config: mlc.ConfigDict) -> mlc.ConfigDict:
   c.method = "cam"
   c.train.num_steps = int(config.baseline.num_steps)
   c.train.init_from = ""
-  if float(config.baseline.get("lr", 0.0)) > 0:
+  if "optim" in config.baseline:
+    c.optim = mlc.ConfigDict(config.baseline.optim.to_dict())
+  elif float(config.baseline.get("lr", 0.0)) > 0:
     c.optim.lr = float(config.baseline.lr)
   return c
+
+
+def cache_root(config: mlc.ConfigDict) -> str:
+  """`<prepared-dataset cache>/baselines`: local, beside the prepared datasets."""
+  base = config.data.get("cache_dir") or sources.default_cache_dir()
+  return os.path.join(os.path.expanduser(base), "baselines")
+
+
+def cache_entry(cfg: mlc.ConfigDict, meta: sources.DatasetMeta) -> tuple[str, dict[str, Any]]:
+  """(key, description) of the cache entry of the baseline config `cfg`."""
+  settings = baseline_cache.baseline_settings(cfg)
+  dataset = os.path.basename(meta.path).rsplit("-", 1)[-1]  # content part of the name
+  weights_file = weights.pretrained_weights_file(cfg.model)
+  digest = baseline_cache.file_sha256(weights_file) if weights_file else "none"
+  key = baseline_cache.cache_key(settings, dataset, digest)
+  return key, {"settings": settings, "dataset": dataset, "weights_sha256": digest,
+               "weights_file": weights_file, "version": baseline_cache.CACHE_VERSION}
 
 
 def variables_path(workdir: str) -> str:
@@ -48,6 +76,18 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = sources.prepare(config.data)
   cfg = baseline_config(config)
   out_dir = os.path.join(workdir, STAGE_DIR)
+  use_cache = bool(config.baseline.get("cache", True))
+  cached = False
+  if use_cache:
+    root = cache_root(config)
+    key, entry = cache_entry(cfg, meta)
+    hit = baseline_cache.lookup(root, key)
+    if hit and not fs.exists(variables_path(workdir)):
+      if distributed.is_chief():
+        baseline_cache.restore(hit, out_dir)
+      distributed.barrier("baseline:restored")
+      logging.info("Baseline: reusing the cached baseline %s", hit)
+      cached = True
   method = methods.make_method(cfg, meta.num_classes)
   path = train_stage.train_method(cfg, out_dir, method,
                                   sources.get_source(cfg.data, cfg.data.train_split))
@@ -61,4 +101,6 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       wd.write_json(scores_path, {"baseline_map": mean_ap, "baseline_ap_per_class": aps,
                                   "baseline_steps": int(cfg.train.num_steps)})
     distributed.barrier("baseline:classification")
-  return wd.read_json(scores_path)
+  if use_cache and distributed.is_chief():
+    baseline_cache.store(root, key, out_dir, entry)
+  return {**wd.read_json(scores_path), "baseline_cached": cached}
