@@ -163,8 +163,11 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       # NaN/Inf: roll back to the last finite checkpoint and retry with the learning rate
       # x nan_lr_factor, at most nan_retries times (0: stop; train/rollback.py).
       nan_retries=0, nan_lr_factor=0.5))
-  # The `baseline` stage: the CAM model CSRM warm-starts from and SPML takes CAMs from.
-  c.baseline = mlc.ConfigDict(dict(num_steps=c.train.num_steps, lr=0.0))  # lr 0: optim.lr
+  # The `baseline` stage: the CAM model methods warm-start from and SPML takes CAMs from
+  # (`plug_in` gives it its own optimizer block `baseline.optim`); `cache`: share finished
+  # baselines across work directories (stages/baseline_cache.py).
+  c.baseline = mlc.ConfigDict(dict(num_steps=c.train.num_steps, lr=0.0,  # lr 0: optim.lr
+                                   cache=True))
   # CAM method: images without a foreground label train as all-negative unless ignored
   # (the reference repos' `ignore_bg_images`, METHODS.md §1.4).
   c.cam_train = mlc.ConfigDict(dict(ignore_bg_images=False))
@@ -180,6 +183,48 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       decoder="deeplabv3plus",  # deeplabv3plus | light (models/heads.py LightSegHead)
       num_steps=150 if runlocal else 20000, lr=0.007, batch_size=16,
       scales=(1.0,) if runlocal else (0.5, 1.0, 1.5, 2.0), flip=True, crf=False))
+  return c
+
+
+def cpu_cam_recipe(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """The CPU-sized CAM recipe of the evaluation protocol (EfficientNet-Lite0 on MSRC-21;
+  ../shared/CALIBRATION.md, README "Comparing methods"): frozen BatchNorm statistics with
+  trained affine (IRN's FixedBatchNorm), stem and stride <= 8 stages frozen, AdamW 1e-4
+  (heads x10), 256² crops, batch 8; the segmenter is a fresh ImageNet backbone with the
+  light decoder, AdamW, the labels from a CRF over each image's classes."""
+  c.model.frozen_bn = True
+  c.model.frozen_stride = 8
+  o = c.optim
+  o.name = "adamw"
+  o.lr = 1e-4
+  o.weight_decay = 1e-4
+  o.freeze_bn_affine = False
+  o.lr_mult = mlc.ConfigDict(dict(pretrained=1.0, pretrained_bias=1.0, head=10.0,
+                                  head_bias=10.0))
+  d = c.data
+  d.crop_size = 256
+  d.scale_range = (0.7, 1.3)
+  d.batch_size = 8
+  d.color_jitter = 0.0
+  c.pseudo.mode = "threshold_crf"
+  c.seg.decoder = "light"
+  c.seg.lr = 1e-4
+  c.seg.batch_size = 8
+  return c
+
+
+def plug_in(c: mlc.ConfigDict, *, baseline_steps: int, method_steps: int) -> mlc.ConfigDict:
+  """The evaluation protocol: the `baseline` stage trains the CAM recipe for
+  `baseline_steps` (one per seed, cached across work directories), then the `train` stage
+  trains `config.method` for `method_steps`, warm-started from it. cam.py applies it (its
+  train stage continues the CAM loss for the same steps: the control); method configs load
+  cam.py and change only the method and its own settings, so the baseline, the total
+  steps, the data and the later stages are the same in every row."""
+  c.stages = "data,baseline,train,cams,sweep,pseudo,seg,evaluate"
+  c.baseline.num_steps = int(baseline_steps)
+  c.baseline.optim = mlc.ConfigDict(c.optim.to_dict())
+  c.train.num_steps = int(method_steps)
+  c.train.init_from = "baseline"
   return c
 
 

@@ -35,15 +35,11 @@ def get_config(arg: str | None = None):
   c.csrm = csrm.default_csrm_config()
   c.csrm.cams_from = "seg" if arg.seg_cams else "class"
   c.train.init_from = "baseline"
-  c.baseline.lr = float(c.optim.lr)  # the baseline keeps cam.py's learning rate
   if arg.runlocal:
-    # 150 CAM + 50 CSRM steps = cam.py:runlocal's 200 (same data, batch 16, crop 224,
-    # EfficientNet-Lite0). A CSRM step runs three forwards of a stride-4 decoder; at the
-    # reference width 256 that is 15x a CAM step (1158 vs 77 GFLOP), so the CPU variant
-    # uses 64-ch heads (275 GFLOP, 3.6x) and 50 steps to stay within ~20 min in all.
-    # Batch 16 = 8 "L" + 8 "U" rows (csrm.unlabeled='split').
-    c.baseline.num_steps = total - total // 4
-    c.train.num_steps = total // 4
+    # The protocol (cam.py:runlocal): the shared baseline, then `total` CSRM steps (the
+    # control's method steps). A CSRM step runs three forwards of a stride-4 decoder; at
+    # the reference width 256 that is 15x a CAM step (1158 vs 77 GFLOP), so the CPU
+    # variant uses 64-ch heads. Batch 8 = 4 "L" + 4 "U" rows (csrm.unlabeled='split').
     # 10 "epochs" of 5 steps (reference 15 x 46). Warm-up 5 epochs = 25 steps = 200 L
     # images before L_s2c/L_u/L_contra start (reference: 46 steps x 32 = 1472 images). With
     # the reference's 1 epoch (5 steps, 40 images) the random-init segmentation branch is
@@ -60,7 +56,10 @@ def get_config(arg: str | None = None):
     c.csrm.use_crf = arg.crf == 1   # off by default (CPU time); on with :runlocal,crf=1
     c.csrm.num_queries = 64
     c.csrm.bank_size_fg, c.csrm.bank_size_bg = 3000, 5000
-    c.optim.lr = 0.007              # reference CSRM LR (warm-started model)
+    # Reference optimizer (METHODS §2.4): SGD Nesterov, LR 0.007, global clip 1.0.
+    c.optim.name = "nesterov"
+    c.optim.lr = 0.007
+    c.optim.clip_global_norm = 1.0
   else:
     # Reference VOC recipe (§2.4): 15 epochs of 46 steps after the CAM baseline (IRN-style
     # 5 epochs, cam.py); SGD Nesterov LR 0.007, clip 1.0, label smoothing 0.1, 256-ch heads,

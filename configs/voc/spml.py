@@ -99,7 +99,9 @@ def get_config(arg: str | None = None):
                          + ("runlocal" if arg.runlocal else ""))
   total = int(c.train.num_steps)
   if arg.runlocal:
-    cam_steps, spml_steps = 120, 80
+    # The protocol (cam.py:runlocal): the shared baseline's steps, then SPML for the
+    # control's method steps.
+    cam_steps, spml_steps = int(c.baseline.num_steps), total
   else:
     cam_steps, spml_steps = total, 30000    # SPML's VOC schedule (METHODS.md §5.4)
   c = spml_setup(c, weak_label=arg.weak_label, code_weights=arg.code_weights,
@@ -116,6 +118,7 @@ def get_config(arg: str | None = None):
       c.spml_bootstrap.steps = 60
     c.spml.pixels_per_image = 256    # loss anchors per image (CPU budget); 0 = all
     c.spml.max_segments = 224        # ~130-170 segments per 224 crop on MSRC (measured)
+    c.optim.name = "sgd"             # SPML's optimizer (METHODS.md §5.4)
     c.optim.lr = 0.01
   else:
     c.optim.lr = 3e-3                 # SPML: SGD 3e-3, poly 0.9, 100 warm-up steps
