@@ -146,6 +146,7 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       norm="batch",             # batch | group (heads)
       frozen_bn=False,          # BatchNorm uses its (ImageNet) running statistics
       frozen_stride=0,          # >0: stem and stages of nominal stride <= this are frozen
+      input_norm="imagenet",    # EfficientNet-Lite: imagenet | lite ((x-127)/128, its own)
       pool="gap",               # gap | tap
       dtype="float32",          # compute dtype: float32 | bfloat16
       # How layers are lowered (models/lowering.py): auto = the fast form on CPU

@@ -49,6 +49,9 @@ _BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40)
 LITE_PARAMS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260),
                "lite3": (1.2, 1.4, 280), "lite4": (1.4, 1.8, 300)}
 STEM_FILTERS, HEAD_FILTERS = 32, 1280
+# The pipeline's input normalisation (data/transforms.py), in 0..255 units per RGB channel.
+_MEAN255 = jnp.asarray([0.485, 0.456, 0.406], jnp.float32) * 255.0
+_STD255 = jnp.asarray([0.229, 0.224, 0.225], jnp.float32) * 255.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +142,10 @@ class EfficientNetLite(nn.Module):
     frozen_bn: always use the running BN statistics (train flag ignored for BN).
     frozen_stride: freeze the stem and the stages of nominal stride <= this (0: none):
       running BN statistics and no gradient (see the module docstring).
+    input_norm: what the first conv sees: 'imagenet' (the pipeline's ImageNet mean/std
+      normalisation, unchanged) or 'lite' ((x - 127) / 128 of the 0..255 pixels, the
+      EfficientNet-Lite release's own preprocessing, whose statistics its BatchNorm
+      layers hold); inputs always arrive ImageNet-normalised.
     depthwise_impl: 'shift' | 'grouped' | 'auto'.
     pointwise_impl: 'dot' | 'conv' | 'auto' (1x1 convs).
     include_head: compute the 1280-ch head conv; `out` is its output if True.
@@ -153,6 +160,7 @@ class EfficientNetLite(nn.Module):
   output_stride: int = 32
   frozen_bn: bool = False
   frozen_stride: int = 0
+  input_norm: str = "imagenet"
   depthwise_impl: str = "auto"
   pointwise_impl: str = "auto"
   include_head: bool = True
@@ -167,6 +175,10 @@ class EfficientNetLite(nn.Module):
     bn = lambda name, stats_frozen: BatchNorm(
         use_running_average=not train or stats_frozen, momentum=0.99, epsilon=1e-3,
         dtype=self.dtype, name=name)
+    if self.input_norm == "lite":
+      x = (x * _STD255 + (_MEAN255 - 127.0)) / 128.0
+    elif self.input_norm != "imagenet":
+      raise ValueError(f"input_norm must be 'imagenet' or 'lite', got {self.input_norm!r}")
     x = x.astype(self.dtype)
     x = nn.Conv(STEM_FILTERS, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, name="stem_conv")(x)

@@ -67,6 +67,7 @@ def build_backbone(model_cfg: Any, include_head: bool = True) -> nn.Module:
                 dtype=compute_dtype(model_cfg))
   if name in BACKBONES and name.startswith("efficientnet_"):
     return EfficientNetLite(variant=name[len("efficientnet_"):],
+                            input_norm=_cfg(model_cfg, "input_norm", "imagenet"),
                             depthwise_impl=_cfg(model_cfg, "depthwise_impl", "auto"),
                             include_head=include_head, **common)
   if name in BACKBONES and name.startswith("resnet"):
