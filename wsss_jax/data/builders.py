@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator
 import zlib
@@ -41,6 +40,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from wsss_jax import fs
 from wsss_jax.data import synthetic
 
 # Bump when the layout of prepared folders or the record features change.
@@ -235,7 +235,8 @@ def build_atomically(final_dir: str, build: Callable[[str], tuple[dict[str, Any]
   parent = os.path.dirname(final_dir)
   os.makedirs(parent, exist_ok=True)
   _remove_stale_tmp_dirs(parent, os.path.basename(final_dir))
-  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_dir)}-", dir=parent)
+  # Not tempfile.mkdtemp: its 0700 would make the prepared folder private to its builder.
+  tmp = fs.create_temp_dir(parent, prefix=f".tmp-{os.path.basename(final_dir)}-")
   try:
     start = time.time()
     meta, arrays = build(tmp)
