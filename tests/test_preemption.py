@@ -222,6 +222,39 @@ def test_sigterm_and_sigkill_at_random_points_lose_nothing(tmp_path):
     assert not different, (name, different, events[name])
 
 
+def test_ctrl_c_mid_training_saves_that_step_and_resumes_exactly(tmp_path):
+  """Ctrl-C (SIGINT) is handled as SIGTERM (issue #32): the real command saves a checkpoint
+  at the step it was at (no periodic checkpoint is due), exits 75 without a traceback, and
+  the rerun ends with the weights of an uninterrupted run."""
+  cache = str(tmp_path / "data_cache")
+  steps = 400  # ~2 ms each: long enough for the signal to land mid-training
+  extra = ("--config.stages=data,train", f"--config.train.num_steps={steps}",
+           "--config.train.ckpt_every=1000", "--config.train.eval_every=0",
+           "--config.train.log_every=100")
+  workdir, log_path = str(tmp_path / "interrupted"), str(tmp_path / "interrupted.log")
+  proc = _start(workdir, cache, log_path, *extra)
+  assert _wait_for(proc, log_path, "Train from step 0", 600), _read(log_path)[-4000:]
+  proc.send_signal(signal.SIGINT)
+  rc = proc.wait(timeout=600)
+  log = _read(log_path)
+  assert rc == preemption.EXIT_CODE, log[-4000:]
+  assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-4000:]
+  m = re.search(r"Preempted at train step (\d+); saved checkpoint step \1 in (\S+?)\. "
+                r"Rerun the same command to continue", log)
+  assert m, log[-4000:]
+  step = int(m.group(1))
+  assert 0 < step < steps, step
+  assert os.listdir(m.group(2)) == [str(step)]  # the signal's checkpoint, nothing periodic
+  _run_to_end(workdir, cache, str(tmp_path / "resumed.log"), *extra)
+  assert f"Train from step {step} to {steps}" in _read(str(tmp_path / "resumed.log"))
+  reference = str(tmp_path / "reference")
+  _run_to_end(reference, cache, str(tmp_path / "reference.log"), *extra)
+  name = os.path.join("train", "final_variables.msgpack")
+  with open(os.path.join(workdir, name), "rb") as a, \
+       open(os.path.join(reference, name), "rb") as b:
+    assert a.read() == b.read()
+
+
 def test_preempted_exception_message_names_checkpoint():
   e = preemption.Preempted("train step 5", step=5, checkpoint="/w/train/checkpoints")
   assert "train step 5" in str(e) and "step 5 in /w/train/checkpoints" in str(e)

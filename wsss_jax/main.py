@@ -55,8 +55,8 @@ def main(argv: list[str]) -> None:
   if overrides:
     logging.info("Config overrides: %s", overrides)
   from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
-  # SIGTERM (pre-emption) stops at the next step/batch after saving; exit code 75 means
-  # "rerun the same command to continue" (wsss_jax/train/preemption.py).
+  # SIGTERM (pre-emption) and Ctrl-C stop at the next step/batch after saving; exit code
+  # 75 means "rerun the same command to continue" (wsss_jax/train/preemption.py).
   preemption.install()
   try:
     runner.run_stages(_CONFIG.value, _WORKDIR.value)
