@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if overrides:
     logging.info("Config overrides: %s", overrides)
+  from wsss_jax.data import sources  # pylint: disable=g-import-not-at-top
   from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
   # SIGTERM (pre-emption) and Ctrl-C stop at the next step/batch after saving; exit code
   # 75 means "rerun the same command to continue" (wsss_jax/train/preemption.py).
@@ -63,6 +64,11 @@ def main(argv: list[str]) -> None:
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_CODE)
+  except sources.BadInputError as e:
+    # A bad data file: its name and problem are the whole story; the 40 frames through
+    # tfds' builder between here and the file would only bury them.
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(1)
 
 
 def run() -> None:

@@ -59,6 +59,24 @@ class BadInputError(ValueError):
   """A dataset file is missing, unreadable or inconsistent; the message names the file."""
 
 
+# Appended to per-example errors in on_bad_input='error' mode: what the user can do next.
+SKIP_HINT = ("to skip bad inputs like this one and count them, rerun with "
+             "--config.data.on_bad_input=skip")
+
+
+def bad_input_handler(on_bad_input: str, problems: list[str]) -> Callable[[str], None]:
+  """`on_bad(message)` for a builder: raises BadInputError (mode 'error', with SKIP_HINT),
+  or logs a warning and appends the message to `problems` (mode 'skip')."""
+
+  def on_bad(msg: str) -> None:
+    if on_bad_input != "skip":
+      raise BadInputError(f"{msg}; {SKIP_HINT}")
+    logging.warning("Skipping bad input: %s", msg)
+    problems.append(msg)
+
+  return on_bad
+
+
 @dataclasses.dataclass(frozen=True)
 class Compressed:
   """A uint8 array already zlib-compressed (what tfds' zlib Tensor stores)."""
