@@ -17,6 +17,7 @@ cache keys and the bad-input rules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import os
 from typing import Any, Callable, Sequence
@@ -175,6 +176,18 @@ def _split_info(folder: str, meta: dict[str, Any], split: str) -> dict[str, Any]
   return meta["splits"][split]
 
 
+@functools.lru_cache(maxsize=16)
+def _builder(builder_dir: str) -> tfds.core.DatasetBuilder:
+  """The tfds builder of a prepared folder, read once per process.
+
+  Each read logs "Load dataset info from ..." and parses its JSON files; stages open
+  several sources of one dataset, so without this the log repeats the line a dozen times.
+  Prepared folders never change once complete (builders.build_atomically), so the cached
+  builder stays valid.
+  """
+  return tfds.builder_from_directory(builder_dir)
+
+
 class RecordSource:
   """A grain random-access source (len, __getitem__) over one split of a prepared dataset.
 
@@ -202,8 +215,7 @@ class RecordSource:
 
   def _source(self):
     if self._src is None:
-      builder = tfds.builder_from_directory(self._builder_dir)
-      self._src = builder.as_data_source(self._tfds_split)
+      self._src = _builder(self._builder_dir).as_data_source(self._tfds_split)
     return self._src
 
   def __len__(self) -> int:
