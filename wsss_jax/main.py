@@ -4,6 +4,8 @@ r"""Command line: runs the stages a config lists, in order, in one work director
   wsss --config=configs/voc/cam.py:runlocal --config.data.root=../shared/data/msrc21 \
        --config.stages=data,train --workdir=runs/msrc
 
+  wsss predict --workdir=runs/msrc --input=photos/ --output=out/   # wsss_jax/predict_cli.py
+
 `wsss` is this module (`python -m wsss_jax.main`). The logic lives in
 `wsss_jax.stages.runner.run_stages(config, workdir)` so notebooks call the same code.
 """
@@ -72,7 +74,11 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  """Console-script entry point (`wsss`)."""
+  """Console-script entry point (`wsss`; `wsss predict ...` is `predict_cli`)."""
+  if len(sys.argv) > 1 and sys.argv[1] == "predict":
+    from wsss_jax import predict_cli  # pylint: disable=g-import-not-at-top
+    predict_cli.run(sys.argv[:1] + sys.argv[2:])
+    return
   flags.mark_flags_as_required(["config", "workdir"])
   from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
   # A misspelt --config.KEY gives one line naming the flag, not an ml_collections trace.
