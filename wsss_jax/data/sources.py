@@ -17,9 +17,9 @@ cache keys and the bad-input rules.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -176,16 +176,22 @@ def _split_info(folder: str, meta: dict[str, Any], split: str) -> dict[str, Any]
   return meta["splits"][split]
 
 
-@functools.lru_cache(maxsize=16)
+_builders: dict[str, tfds.core.DatasetBuilder] = {}
+_builders_lock = threading.Lock()
+
+
 def _builder(builder_dir: str) -> tfds.core.DatasetBuilder:
   """The tfds builder of a prepared folder, read once per process.
 
   Each read logs "Load dataset info from ..." and parses its JSON files; stages open
-  several sources of one dataset, so without this the log repeats the line a dozen times.
-  Prepared folders never change once complete (builders.build_atomically), so the cached
-  builder stays valid.
+  several sources of one dataset (and grain's threads open them at once: hence the
+  lock), so without this the log repeats the line a dozen times. Prepared folders never
+  change once complete (builders.build_atomically), so the cached builder stays valid.
   """
-  return tfds.builder_from_directory(builder_dir)
+  with _builders_lock:
+    if builder_dir not in _builders:
+      _builders[builder_dir] = tfds.builder_from_directory(builder_dir)
+    return _builders[builder_dir]
 
 
 class RecordSource:
