@@ -103,7 +103,8 @@ def overlays(config: mlc.ConfigDict, workdir: str, split: str) -> None:
   records = [source[i] for i in range(min(OVERLAY_COUNT, len(source)))]
   meta = sources.get_meta(config.data)
   cams = [cam_store.load(directory, r["id"]) for r in records]
-  titles = [r["id"] + ": " + ",".join(meta.class_names[k] for k in c["keys"])
-            for r, c in zip(records, cams)]
   figures.cam_overlays(os.path.join(workdir, "figures", "cam_overlays.png"),
-                       [r["image"] for r in records], [c["high_res"] for c in cams], titles)
+                       [r["image"] for r in records], [c["high_res"] for c in cams],
+                       [c["keys"] for c in cams], meta.class_names,
+                       [f"{r['id']} ({split})" for r in records],
+                       masks=[r["mask"] for r in records])

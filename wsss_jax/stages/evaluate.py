@@ -87,14 +87,17 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   figures.label_gallery(
       os.path.join(workdir, "figures", f"{prefix}_gallery.png"), [r["image"] for r, _ in gallery],
       {"ground truth": [r["mask"] for r, _ in gallery], "prediction": [p for _, p in gallery]},
-      [r["id"] for r, _ in gallery])
+      [f"{r['id']} ({config.data.val_split})" for r, _ in gallery], meta.class_names)
   results = wd.read_results(workdir)
   series = {name: results[key] for name, key in (("cam", "cam_per_class_iou"),
                                                    ("pseudo", "pseudo_per_class_iou"))
             if key in results}
   series[prefix] = headline[f"{prefix}_per_class_iou"]
+  # cam and pseudo are scored on the sweep split, the segmentation model on the val split.
+  splits = {"cam": config.data.sweep_split, "pseudo": config.data.sweep_split,
+            prefix: config.data.val_split}
   figures.per_class_bars(os.path.join(workdir, "figures", "per_class_iou.png"),
-                         meta.class_names, series)
+                         meta.class_names, series, splits)
   # The canvas the images were padded to (`wsss predict` pads new images alike, so its
   # predictions for these images equal the ones scored here).
   pad_size = pipeline.eval_pad_size(sources.get_source(config.data, config.data.val_split),

@@ -149,7 +149,7 @@ def gallery(config: mlc.ConfigDict, workdir: str, split: str) -> None:
       [r["image"] for r in records],
       {"ground truth": [r["mask"] for r in records],
        "pseudo": [read_label(label_path(workdir, r["id"])) for r in records]},
-      [r["id"] for r in records])
+      [f"{r['id']} ({split})" for r in records], sources.get_meta(config.data).class_names)
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
