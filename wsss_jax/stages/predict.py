@@ -243,6 +243,8 @@ def predict_files(model: Model, paths: Sequence[str], output: str, *,
   Returns:
     The Report; unreadable images are in `failed`, the rest in `written`.
   """
+  if not paths:
+    return Report()
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(None)
   devices = mesh_lib.num_data_devices(mesh)
   batch_size = -(-int(model.config.data.eval_batch_size) // devices) * devices
