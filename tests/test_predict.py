@@ -187,3 +187,27 @@ def test_outputs_are_readable_by_others_under_umask_022(run):
         if stat.S_IMODE(os.stat(path).st_mode) != want:
           wrong.append((path, oct(stat.S_IMODE(os.stat(path).st_mode))))
   assert not wrong, wrong[:10]
+
+
+def test_canvas_sizes():
+  from wsss_jax.stages import predict  # pylint: disable=import-outside-toplevel
+  assert predict.canvas_size(213, 320, 320) == 320      # a val photo: evaluate's canvas
+  assert predict.canvas_size(50, 75, 320) == 320        # smaller: padded as evaluate pads
+  assert predict.canvas_size(50, 75, 0) == 96           # no recorded canvas: own size
+  assert predict.canvas_size(466, 700, 320, max_side=400) == 416  # shrunk to fit
+  assert predict.canvas_size(2000, 100, 0) == 1024
+
+
+def test_inputs_and_output_names(tmp_path):
+  from wsss_jax.stages import predict  # pylint: disable=import-outside-toplevel
+  (tmp_path / "sub").mkdir()
+  for name in ("a.jpg", "a.PNG", "notes.txt", "sub/b.jpeg"):
+    (tmp_path / name).write_bytes(b"")
+  assert predict.list_inputs(str(tmp_path)) == [str(tmp_path / "a.PNG"),
+                                                str(tmp_path / "a.jpg")]
+  found = predict.list_inputs(str(tmp_path / "**" / "*.jp*g"))
+  assert found == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "b.jpeg")]
+  assert predict.output_names(found) == ["a", os.path.join("sub", "b")]
+  assert predict.output_names(predict.list_inputs(str(tmp_path))) == ["a.PNG", "a.jpg"]
+  with pytest.raises(FileNotFoundError, match=r"--input=.*\*\.gif: no images found"):
+    predict.list_inputs(str(tmp_path / "*.gif"))
