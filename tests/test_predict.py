@@ -211,3 +211,26 @@ def test_inputs_and_output_names(tmp_path):
   assert predict.output_names(predict.list_inputs(str(tmp_path))) == ["a.PNG", "a.jpg"]
   with pytest.raises(FileNotFoundError, match=r"--input=.*\*\.gif: no images found"):
     predict.list_inputs(str(tmp_path / "*.gif"))
+
+
+def test_missing_model_is_named(run, tmp_path):
+  from wsss_jax.stages import predict  # pylint: disable=import-outside-toplevel
+  with pytest.raises(FileNotFoundError, match=r"config.json not found: .* is not a wsss "
+                     "work directory"):
+    predict.load_model(str(tmp_path))
+  for name in ("config.json", "results.json"):
+    shutil.copy(run["workdir"] / name, tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"seg_gt/final_variables.msgpack: trained "
+                     "weights not found"):
+    predict.load_model(str(tmp_path))
+  with pytest.raises(ValueError, match=r"--what='masks': expected one of \('seg', 'cams'\)"):
+    predict.load_model(str(tmp_path), "masks")
+
+
+def test_predict_help_lists_its_flags():
+  proc = subprocess.run([sys.executable, "-m", "wsss_jax.main", "predict", "--help"],
+                        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for flag in ("--workdir", "--input", "--output", "--what", "--max_side"):
+    assert flag in proc.stdout, flag

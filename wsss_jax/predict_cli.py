@@ -17,14 +17,15 @@ from absl import flags
 from absl import logging
 
 _INPUT = flags.DEFINE_string(
-    "input", None, "wsss predict: a folder of images, a glob pattern ('**' recurses) or one "
-    "image file.")
+    "input", None,
+    "wsss predict: a folder of images, a glob pattern ('**' recurses) or one image file.")
 _OUTPUT = flags.DEFINE_string("output", None, "wsss predict: folder for the outputs.")
 _WHAT = flags.DEFINE_enum("what", "seg", ["seg", "cams"],
                           "wsss predict: the segmentation model's labels (seg) or the "
                           "CAM model's class maps (cams).")
+# Default = stages.predict.MAX_SIDE (not imported here: it would slow down `--help`).
 _MAX_SIDE = flags.DEFINE_integer(
-    "max_side", 1024,  # stages.predict.MAX_SIDE (not imported here: keeps --help fast) "wsss predict: longer image sides are shrunk to this for inference "
+    "max_side", 1024, "wsss predict: longer image sides are shrunk to this for inference "
     "(outputs are resized back to the image's size).")
 
 
@@ -50,7 +51,18 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
+def usage() -> str:
+  """`wsss predict --help`: this module's docstring and its flags (absl's own help would
+  show the stage runner's)."""
+  workdir = flags.FLAGS["workdir"]
+  return (f"{__doc__}\nflags:\n  --{workdir.name}: wsss predict: the work directory whose "
+          f"model is run.\n{flags.FLAGS.module_help(__name__)}\n")
+
+
 def run(argv: list[str]) -> None:
   """Runs `wsss predict` with `argv` = [program, flags...] (the word `predict` removed)."""
+  if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
+    print(usage())
+    sys.exit(0)
   flags.mark_flags_as_required(["workdir", "input", "output"])
   app.run(main, argv=argv)

@@ -282,9 +282,9 @@ def run_tfds_build(builder: tfds.core.DatasetBuilder) -> None:
   # tfds' nested per-split progress bars flood logs and CI output; our own log lines say
   # what is built and where.
   tfds.disable_progress_bar()
-  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
-  # prepared to <temporary folder>" (termcolor, not logging): nothing is downloaded and the
-  # folder is renamed afterwards, so both lines mislead. Our log lines name the final folder.
+  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
+  # and prepared to <temporary folder>" (termcolor, not logging): nothing is downloaded and
+  # the folder is renamed afterwards, so both lines mislead. Our lines name the final one.
   builder._log_download_bytes = lambda: None  # pylint: disable=protected-access
   builder._log_download_done = lambda: None  # pylint: disable=protected-access
   builder.download_and_prepare(

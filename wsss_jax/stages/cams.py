@@ -85,7 +85,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     written = fs.names_in(directory)
     exists = lambda i: os.path.basename(cam_store.cam_path(directory, i)) in written
     for record, out in inference.predict_split(config, split, batch_fn, mesh,
-                                               variables=variables, skip=exists, what="cams"):
+                                               variables=variables, skip=exists,
+                                               what="cams"):
       cam_store.save(directory, record["id"], *crop_cams(record, out))
     # Each process wrote its own images; the split is complete once all have.
     distributed.barrier(f"cams:{split}")
