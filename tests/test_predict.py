@@ -144,11 +144,11 @@ def test_unreadable_image_is_named_and_the_rest_goes_on(run):
 def test_cam_maps_of_new_images(run, monkeypatch, tmp_path):
   """--what=cams (in process): an .npz per image with the classes the classifier finds
   present, full-size maps in [0, 1], and a label PNG made of those classes."""
-  import preempt_worker  # pylint: disable=import-outside-toplevel
+  import tiny_backbone  # pylint: disable=import-outside-toplevel
   from wsss_jax.models import registry  # pylint: disable=import-outside-toplevel
   from wsss_jax.stages import predict  # pylint: disable=import-outside-toplevel
   from wsss_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(registry, "build_backbone", preempt_worker.tiny_backbone)
+  monkeypatch.setattr(registry, "build_backbone", tiny_backbone.tiny_backbone)
   monkeypatch.setenv("WSSS_JAX_CACHE", str(run["cache"]))
   model = predict.load_model(str(run["workdir"]), "cams")
   paths = [str(run["inputs"] / f"{i}.jpg") for i in PHOTO_IDS]
