@@ -66,12 +66,13 @@ def _env(data_cache: str) -> dict[str, str]:
   return env
 
 
-def _start(workdir: str, data_cache: str, log_path: str, *extra: str
-           ) -> subprocess.Popen:
+def _start(workdir: str, data_cache: str, log_path: str, *extra: str,
+           new_session: bool = False) -> subprocess.Popen:
   log = open(log_path, "w")  # pylint: disable=consider-using-with
   proc = subprocess.Popen(
       [sys.executable, WORKER, f"--config={CONFIG}", f"--workdir={workdir}", *TINY, *extra],
-      stdout=log, stderr=subprocess.STDOUT, env=_env(data_cache))
+      stdout=log, stderr=subprocess.STDOUT, env=_env(data_cache),
+      start_new_session=new_session)  # its own process group, as a terminal's job
   log.close()  # the child holds its own descriptor
   return proc
 
@@ -225,16 +226,17 @@ def test_sigterm_and_sigkill_at_random_points_lose_nothing(tmp_path):
 def test_ctrl_c_mid_training_saves_that_step_and_resumes_exactly(tmp_path):
   """Ctrl-C (SIGINT) is handled as SIGTERM (issue #32): the real command saves a checkpoint
   at the step it was at (no periodic checkpoint is due), exits 75 without a traceback, and
-  the rerun ends with the weights of an uninterrupted run."""
+  the rerun ends with the weights of an uninterrupted run. As from a terminal, the signal
+  goes to the whole process group, grain's worker process included."""
   cache = str(tmp_path / "data_cache")
   steps = 400  # ~2 ms each: long enough for the signal to land mid-training
   extra = ("--config.stages=data,train", f"--config.train.num_steps={steps}",
            "--config.train.ckpt_every=1000", "--config.train.eval_every=0",
-           "--config.train.log_every=100")
+           "--config.train.log_every=100", "--config.data.num_workers=1")
   workdir, log_path = str(tmp_path / "interrupted"), str(tmp_path / "interrupted.log")
-  proc = _start(workdir, cache, log_path, *extra)
+  proc = _start(workdir, cache, log_path, *extra, new_session=True)
   assert _wait_for(proc, log_path, "Train from step 0", 600), _read(log_path)[-4000:]
-  proc.send_signal(signal.SIGINT)
+  os.killpg(proc.pid, signal.SIGINT)
   rc = proc.wait(timeout=600)
   log = _read(log_path)
   assert rc == preemption.EXIT_CODE, log[-4000:]
