@@ -24,7 +24,8 @@ with the extension replaced (`a/b.jpg` -> `a/b.png`; `b.png` if `b.jpg` also exi
 - `what='seg'`: `<name>.png`, a palette PNG (VOC colours) of class ids at the image's size.
 - `what='cams'`: `<name>.npz` in the CAM files' layout (`stages/cam_store.py`): `keys`
   int32 [K], the classes the classifier finds present (probability >= 0.5); `cam` float16
-  [K, ceil(H/4), ceil(W/4)] and `high_res` float16 [K, H, W], max-normalised per class;
+  [K, ceil(h/4), ceil(w/4)] at stride 4 of the h x w the model saw (the image's size
+  unless it was shrunk) and `high_res` float16 [K, H, W], max-normalised per class;
   plus `scores` float32 [C-1], the classifier's probability of every foreground class.
   And `<name>.png`: the argmax of the kept CAMs, background (0) where none exceeds the
   pseudo stage's foreground threshold (`pseudo.fg_threshold`, else sweep.json's best).
