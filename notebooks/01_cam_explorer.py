@@ -129,5 +129,6 @@ pseudo = [w.pseudo_label(r["id"]) for r in recs]
 if all(p is not None for p in pseudo):
   rows["pseudo-label"] = pseudo
 display(viz.label_gallery([r["image"] for r in recs], rows,
-                          [f"{s['id']} ({s['miou']:.2f})" for s in scores[:NUM_IMAGES]]))
+                          [f"{s['id']} ({s['miou']:.2f})" for s in scores[:NUM_IMAGES]],
+                          w.class_names))
 display(cam_rows(worst))

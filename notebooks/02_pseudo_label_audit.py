@@ -72,7 +72,7 @@ def gallery(indices, title_scores=None):
           "CAM @ best t": [w.cam_prediction(split, r) for r in recs]}
   titles = [r["id"] if title_scores is None else f"{r['id']} ({s:.2f})"
             for r, s in zip(recs, title_scores or [None] * len(recs))]
-  return viz.label_gallery([r["image"] for r in recs], rows, titles)
+  return viz.label_gallery([r["image"] for r in recs], rows, titles, w.class_names)
 
 
 display(gallery(range(min(NUM_IMAGES, len(w.source(split))))))
@@ -125,7 +125,7 @@ modes = inspect.pseudo_label_modes(w, split, range(n_crf))
 recs = [w.record(split, i) for i in range(n_crf)]
 display(viz.label_gallery([r["image"] for r in recs],
                           {"ground truth": [r["mask"] for r in recs], **modes},
-                          [r["id"] for r in recs]))
+                          [r["id"] for r in recs], w.class_names))
 rows = []
 for mode, labels in modes.items():
   c = np.zeros((w.num_classes, w.num_classes), np.int64)

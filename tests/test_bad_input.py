@@ -7,6 +7,8 @@ good ones bit-exact.
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -108,6 +110,10 @@ CASES = [
      "cannot read mask", "SegmentationClass/a2.png"),
     ("duplicate_id", lambda r: (r / "ImageSets/Segmentation/train.txt").write_text(
         "a1\na2\na3\na2\n"), "id 'a2' is listed again", "ImageSets/Segmentation/train.txt:4"),
+    # One bad line costs that line (its id), not the whole split file.
+    ("non_utf8_split_line", lambda r: (r / "ImageSets/Segmentation/train.txt").write_bytes(
+        b"a1\n\xff\xfea2\na3\n"), "line is not valid UTF-8",
+     "ImageSets/Segmentation/train.txt:2"),
 ]
 
 
@@ -119,6 +125,7 @@ def test_error_mode(tree, name, mutate, phrase, file):
     sources.prepare(_cfg(root, cache, "error"))
   msg = str(e.value)
   assert phrase in msg and os.path.join(str(root), file) in msg, msg
+  assert msg.endswith("rerun with --config.data.on_bad_input=skip"), msg
   assert isinstance(e.value, ValueError)
   _assert_nothing_prepared(cache)
 
@@ -142,6 +149,49 @@ def test_skip_mode(tree, caplog, name, mutate, phrase, file):
   assert len(builders.read_meta(meta.path)["skipped"]) == 1
   # The same prepared folder is an error under on_bad_input='error' (never silently used).
   with pytest.raises(sources.BadInputError, match="skipped 1 bad inputs"):
+    sources.prepare(_cfg(root, cache, "error"))
+
+
+def test_bad_file_on_the_command_line_is_one_line(tree, tmp_path):
+  """`wsss` in error mode: one line naming the file and the problem and pointing at
+  on_bad_input=skip; no traceback through tfds' builder."""
+  root, cache, _ = tree
+  _truncate(root / "JPEGImages" / "a2.jpg")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "wsss_jax.main",
+       f"--config={os.path.join(REPO, 'configs', 'voc', 'cam.py')}:runlocal",
+       f"--config.data.root={root}", f"--config.data.cache_dir={cache}",
+       "--config.stages=data", f"--workdir={tmp_path / 'work'}"],
+      capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+  assert fatal == [f"FATAL: {root / 'JPEGImages' / 'a2.jpg'}: cannot read image "
+                   "(OSError: Truncated File Read); to skip bad inputs like this one and "
+                   "count them, rerun with --config.data.on_bad_input=skip"], proc.stderr
+  _assert_nothing_prepared(cache)
+
+
+def test_split_ids_may_contain_spaces(tree):
+  """An id is the whole line (a space does not cut it), also in the DeepLab list format;
+  a missing one is named in full."""
+  root, cache, truth = tree
+  for folder, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+    (root / folder / f"a1.{ext}").rename(root / folder / f"a 1.{ext}")
+  split = root / "ImageSets/Segmentation/train.txt"
+  split.write_text("a 1\n/JPEGImages/a2.jpg /SegmentationClass/a2.png\n"
+                   "/JPEGImages/a 1.jpg /SegmentationClass/a 1.png\n")
+  cfg = _cfg(root, cache, "skip")
+  truth["a 1"] = truth["a1"]
+  meta = sources.prepare(cfg)
+  assert builders.read_meta(meta.path)["skipped"] == [
+      f"{split}:3: id 'a 1' is listed again (first at line 1)"]
+  _assert_good_intact(cfg, truth, "train", ("a 1", "a2"))
+  split.write_text("a 1\nb 2\n")
+  with pytest.raises(sources.BadInputError,
+                     match=r"JPEGImages/b 2\.jpg: image missing for id 'b 2'"):
     sources.prepare(_cfg(root, cache, "error"))
 
 

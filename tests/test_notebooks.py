@@ -203,3 +203,13 @@ def test_bank_statistics_and_summaries():
   assert rows["bank"]["capacity"] == 4 and rows["bank"]["count"] == 2
   assert rows["per_class[0]"]["mean_pairwise_cos"] == pytest.approx(1.0)
   assert rows["per_class[1]"]["count"] == 0 and rows["per_class[1]"]["mean_pairwise_cos"] is None
+
+
+def test_workdir_repr_is_one_short_line(tmp_path):
+  from wsss_jax.stages import inspect
+  from wsss_jax.stages import workdir as wd
+  config = {"method": "csrm", "data": {"name": "voc", "root": "/d"},
+            "optim": {f"key_{i}": i for i in range(50)}}
+  wd.write_json(str(tmp_path / "config.json"), config)
+  w = inspect.open_workdir(str(tmp_path))
+  assert repr(w) == f"Workdir({str(tmp_path)!r}, method='csrm', dataset='voc')"

@@ -66,12 +66,13 @@ def _env(data_cache: str) -> dict[str, str]:
   return env
 
 
-def _start(workdir: str, data_cache: str, log_path: str, *extra: str
-           ) -> subprocess.Popen:
+def _start(workdir: str, data_cache: str, log_path: str, *extra: str,
+           new_session: bool = False) -> subprocess.Popen:
   log = open(log_path, "w")  # pylint: disable=consider-using-with
   proc = subprocess.Popen(
       [sys.executable, WORKER, f"--config={CONFIG}", f"--workdir={workdir}", *TINY, *extra],
-      stdout=log, stderr=subprocess.STDOUT, env=_env(data_cache))
+      stdout=log, stderr=subprocess.STDOUT, env=_env(data_cache),
+      start_new_session=new_session)  # its own process group, as a terminal's job
   log.close()  # the child holds its own descriptor
   return proc
 
@@ -220,6 +221,40 @@ def test_sigterm_and_sigkill_at_random_points_lose_nothing(tmp_path):
     assert set(got) == set(ref), set(got) ^ set(ref)
     different = [k for k in ref if got[k] != ref[k]]
     assert not different, (name, different, events[name])
+
+
+def test_ctrl_c_mid_training_saves_that_step_and_resumes_exactly(tmp_path):
+  """Ctrl-C (SIGINT) is handled as SIGTERM (issue #32): the real command saves a checkpoint
+  at the step it was at (no periodic checkpoint is due), exits 75 without a traceback, and
+  the rerun ends with the weights of an uninterrupted run. As from a terminal, the signal
+  goes to the whole process group, grain's worker process included."""
+  cache = str(tmp_path / "data_cache")
+  steps = 400  # ~2 ms each: long enough for the signal to land mid-training
+  extra = ("--config.stages=data,train", f"--config.train.num_steps={steps}",
+           "--config.train.ckpt_every=1000", "--config.train.eval_every=0",
+           "--config.train.log_every=100", "--config.data.num_workers=1")
+  workdir, log_path = str(tmp_path / "interrupted"), str(tmp_path / "interrupted.log")
+  proc = _start(workdir, cache, log_path, *extra, new_session=True)
+  assert _wait_for(proc, log_path, "Train from step 0", 600), _read(log_path)[-4000:]
+  os.killpg(proc.pid, signal.SIGINT)
+  rc = proc.wait(timeout=600)
+  log = _read(log_path)
+  assert rc == preemption.EXIT_CODE, log[-4000:]
+  assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-4000:]
+  m = re.search(r"Preempted at train step (\d+); saved checkpoint step \1 in (\S+?)\. "
+                r"Rerun the same command to continue", log)
+  assert m, log[-4000:]
+  step = int(m.group(1))
+  assert 0 < step < steps, step
+  assert os.listdir(m.group(2)) == [str(step)]  # the signal's checkpoint, nothing periodic
+  _run_to_end(workdir, cache, str(tmp_path / "resumed.log"), *extra)
+  assert f"Train from step {step} to {steps}" in _read(str(tmp_path / "resumed.log"))
+  reference = str(tmp_path / "reference")
+  _run_to_end(reference, cache, str(tmp_path / "reference.log"), *extra)
+  name = os.path.join("train", "final_variables.msgpack")
+  with open(os.path.join(workdir, name), "rb") as a, \
+       open(os.path.join(reference, name), "rb") as b:
+    assert a.read() == b.read()
 
 
 def test_preempted_exception_message_names_checkpoint():

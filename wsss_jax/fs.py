@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import tempfile
 from typing import IO, Any, Iterator
@@ -101,20 +102,61 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
+# Random-name attempts before giving up (as `tempfile`, which also retries on collisions).
+_TEMP_ATTEMPTS = 100
+
+
+def _temp_name(directory: str, prefix: str, suffix: str) -> str:
+  return os.path.join(directory, f"{prefix}{secrets.token_hex(4)}{suffix}")
+
+
+def create_temp_file(directory: str, prefix: str = "", suffix: str = "") -> str:
+  """Creates a new empty file with a unique name in `directory`; returns its path.
+
+  Unlike `tempfile.mkstemp` (always 0600), the file gets the mode a plain `open(path, 'w')`
+  gives, 0666 & ~umask: files renamed into place from it are readable by whoever the
+  umask allows (shared work directories and caches on clusters).
+  """
+  for _ in range(_TEMP_ATTEMPTS):
+    tmp = _temp_name(directory, prefix, suffix)
+    try:
+      os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+      return tmp
+    except FileExistsError:
+      continue
+  raise FileExistsError(errno.EEXIST, f"no unused temporary name {prefix}*{suffix} in "
+                        f"{directory}")
+
+
+def create_temp_dir(parent: str, prefix: str = "") -> str:
+  """Creates a new empty folder with a unique name in `parent`; returns its path.
+
+  Mode 0777 & ~umask, as `os.mkdir` gives (`tempfile.mkdtemp` makes it 0700, and a
+  folder renamed into place from it would stay private to its creator).
+  """
+  for _ in range(_TEMP_ATTEMPTS):
+    tmp = _temp_name(parent, prefix, "")
+    try:
+      os.mkdir(tmp, 0o777)
+      return tmp
+    except FileExistsError:
+      continue
+  raise FileExistsError(errno.EEXIST, f"no unused temporary name {prefix}* in {parent}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a local temporary file path; on success it becomes `path` in one piece.
 
   Locally the temporary file sits beside `path` and is renamed onto it; for a URL it is a
   local temporary file that is uploaded as one object. If the block raises, `path` keeps
-  its previous content (or stays absent).
+  its previous content (or stays absent). A local file ends with the mode a plain `open`
+  would give it (0666 & ~umask), not tempfile's 0600.
   """
   remote = is_remote(path)
   directory = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                             dir=directory)
-  os.close(fd)
+  tmp = create_temp_file(directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
   try:
     yield tmp
     if remote:

@@ -4,6 +4,8 @@ r"""Command line: runs the stages a config lists, in order, in one work director
   wsss --config=configs/voc/cam.py:runlocal --config.data.root=../shared/data/msrc21 \
        --config.stages=data,train --workdir=runs/msrc
 
+  wsss predict --workdir=runs/msrc --input=photos/ --output=out/   # wsss_jax/predict_cli.py
+
 `wsss` is this module (`python -m wsss_jax.main`). The logic lives in
 `wsss_jax.stages.runner.run_stages(config, workdir)` so notebooks call the same code.
 """
@@ -54,19 +56,29 @@ def main(argv: list[str]) -> None:
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if overrides:
     logging.info("Config overrides: %s", overrides)
+  from wsss_jax.data import sources  # pylint: disable=g-import-not-at-top
   from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
-  # SIGTERM (pre-emption) stops at the next step/batch after saving; exit code 75 means
-  # "rerun the same command to continue" (wsss_jax/train/preemption.py).
+  # SIGTERM (pre-emption) and Ctrl-C stop at the next step/batch after saving; exit code
+  # 75 means "rerun the same command to continue" (wsss_jax/train/preemption.py).
   preemption.install()
   try:
     runner.run_stages(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_CODE)
+  except sources.BadInputError as e:
+    # A bad data file: its name and problem are the whole story; the 40 frames through
+    # tfds' builder between here and the file would only bury them.
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(1)
 
 
 def run() -> None:
-  """Console-script entry point (`wsss`)."""
+  """Console-script entry point (`wsss`; `wsss predict ...` is `predict_cli`)."""
+  if len(sys.argv) > 1 and sys.argv[1] == "predict":
+    from wsss_jax import predict_cli  # pylint: disable=g-import-not-at-top
+    predict_cli.run(sys.argv[:1] + sys.argv[2:])
+    return
   flags.mark_flags_as_required(["config", "workdir"])
   from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
   # A misspelt --config.KEY gives one line naming the flag, not an ml_collections trace.

@@ -24,6 +24,8 @@ from wsss_jax.data.palette import colorize  # also for notebooks: viz.colorize(l
 INSTALL_HINT = 'matplotlib is not installed: pip install "wsss_jax[viz]" (or matplotlib)'
 # Panel size in inches of one image in a grid: small enough for 8 columns on a screen.
 PANEL = 2.2
+IGNORE = 255  # label value drawn as "ignore" (docs/CONVENTIONS.md)
+CAM_SCALE_LABEL = "CAM (max-normalised per class)"
 
 
 def available() -> bool:
@@ -75,24 +77,51 @@ def threshold_curve(sweep: Mapping[str, Any], ax: Any = None) -> Any:
 
 
 def per_class_bars(class_names: Sequence[str], series: Mapping[str, Sequence[float]],
-                   ax: Any = None, ylabel: str = "IoU") -> Any:
+                   ax: Any = None, ylabel: str = "IoU",
+                   splits: Mapping[str, str] | None = None) -> Any:
   """Grouped bars, one group per class and one bar per series (e.g. cam, pseudo, seg).
 
-  Missing values (None/NaN: a class absent from the split) are drawn as 0.
+  A measured 0 is a short dash on the axis in the series' colour; a missing value
+  (None/NaN: the class is absent from the split, in neither the ground truth nor the
+  prediction, and not counted in the mIoU) is a grey cross, so the two never look alike.
+  `splits` names the split each series was scored on (legend and title).
   """
   if ax is None:
     fig, ax = new_figure(figsize=(max(6, 0.5 * len(class_names)), 3.5), squeeze=True)
   fig = ax.figure
   width = 0.8 / max(1, len(series))
   x = np.arange(len(class_names))
+  splits = dict(splits or {})
+  handles, any_absent = [], False
   for i, (name, values) in enumerate(series.items()):
     v = np.asarray([np.nan if a is None else a for a in values], float)
-    ax.bar(x + i * width, np.nan_to_num(v), width, label=name)
+    label = f"{name} ({splits[name]})" if name in splits else name
+    bars = ax.bar(x + i * width, np.nan_to_num(v), width, label=label)
+    handles.append(bars)
+    zero, absent = v == 0, np.isnan(v)
+    ax.scatter(x[zero] + i * width, np.zeros(zero.sum()), marker="_", s=60, linewidths=2,
+               color=bars.patches[0].get_facecolor() if len(bars.patches) else None,
+               clip_on=False, zorder=3)
+    if absent.any():
+      any_absent = True
+      ax.scatter(x[absent] + i * width, np.full(absent.sum(), 0.03), marker="x", s=14,
+                 color="0.5", zorder=3)
+  if any_absent:  # one legend entry for all series
+    handles.append(ax.scatter([], [], marker="x", s=14, color="0.5",
+                              label="absent from the split (not in the mIoU)"))
   ax.set_xticks(x + 0.4 - width / 2, class_names, rotation=60, ha="right")
   ax.set_ylabel(ylabel)
   ax.set_ylim(0, 1)
+  if splits:
+    by_split: dict[str, list[str]] = {}
+    for name in series:
+      if name in splits:
+        by_split.setdefault(splits[name], []).append(name)
+    ax.set_title("per-class " + ylabel + ": " + "; ".join(
+        f"{', '.join(names)} on split '{split}'" for split, names in by_split.items()),
+                 fontsize=9)
   if series:
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
   return fig
 
 
@@ -170,8 +199,18 @@ def cam_overlays(images: Sequence[np.ndarray], cams: Sequence[np.ndarray],
     heat = cam.max(axis=0) if len(cam) else np.zeros(img.shape[:2])
     axes[1, j].imshow(img)
     axes[1, j].imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    axes[1, j].set_title("max over its classes' CAMs", fontsize=7)
   _off(axes)
+  cam_colorbar(fig, axes)
   return fig
+
+
+def cam_colorbar(fig: Any, axes: Any, label: str = CAM_SCALE_LABEL) -> Any:
+  """The colour bar of CAM overlays ('jet', 0..1) beside `axes`."""
+  from matplotlib import cm, colors  # pylint: disable=import-outside-toplevel
+  mappable = cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="jet")
+  return fig.colorbar(mappable, ax=list(np.ravel(axes)), fraction=0.02, pad=0.02,
+                      label=label)
 
 
 def cam_per_class(images: Sequence[np.ndarray], cams: Sequence[np.ndarray],
@@ -203,17 +242,24 @@ def cam_per_class(images: Sequence[np.ndarray], cams: Sequence[np.ndarray],
       axes[i, col + k].imshow(images[i])
       axes[i, col + k].imshow(cams[i][k], cmap="jet", alpha=0.5, vmin=0, vmax=1)
       axes[i, col + k].set_title(f"CAM {class_names[int(class_id)]}", fontsize=7)
+    if not len(keys[i]):
+      axes[i, col].set_title("no foreground class", fontsize=7)
+      axes[i, col].imshow(images[i])
+      col += 1
     for ax in axes[i, col + len(keys[i]):]:
       ax.set_visible(False)
   _off(axes)
+  if masks is not None:
+    label_legend(fig, masks, class_names)
+  cam_colorbar(fig, axes)
   return fig
 
 
 def label_gallery(images: Sequence[np.ndarray], rows: Mapping[str, Sequence[np.ndarray]],
-                  titles: Sequence[str]) -> Any:
-  """Photo row, then one row per set of label maps (e.g. 'ground truth', 'pseudo').
-
-  Ignore pixels (255) show in the VOC palette's cream colour.
+                  titles: Sequence[str], class_names: Sequence[str] | None = None) -> Any:
+  """Photo row, then one row per set of label maps (e.g. 'ground truth', 'pseudo'), and a
+  legend of the colours shown: each class present (named from `class_names`, else by
+  id) and "ignore" for 255 pixels (the VOC palette's cream colour).
   """
   n = len(images)
   fig, axes = new_figure(1 + len(rows), n, figsize=(PANEL * n, PANEL * (1 + len(rows))))
@@ -225,7 +271,26 @@ def label_gallery(images: Sequence[np.ndarray], rows: Mapping[str, Sequence[np.n
       if j == 0:
         axes[i, j].set_ylabel(name)
   _off(axes)
+  label_legend(fig, [m for maps in rows.values() for m in maps], class_names)
   return fig
+
+
+def label_legend(fig: Any, label_maps: Sequence[np.ndarray],
+                 class_names: Sequence[str] | None = None) -> Any:
+  """A legend under the figure: one VOC-colour swatch per class id present in
+  `label_maps`, named from `class_names` (else "class <id>"), and "ignore" for 255."""
+  from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+  present = sorted(set().union(*(np.unique(m).tolist() for m in label_maps)))
+  names = list(class_names or [])
+  handles = []
+  for v in present:
+    label = ("ignore" if v == IGNORE else names[v] if 0 <= v < len(names) else f"class {v}")
+    handles.append(Patch(facecolor=colorize(np.array(v)) / 255.0, edgecolor="0.3",
+                         label=label))
+  if not handles:
+    return None
+  return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                    ncol=min(len(handles), 7), fontsize=7, frameon=False)
 
 
 def segment_colors(segments: np.ndarray, seed: int = 0) -> np.ndarray:

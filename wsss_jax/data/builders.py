@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator
 import zlib
@@ -41,6 +40,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from wsss_jax import fs
 from wsss_jax.data import synthetic
 
 # Bump when the layout of prepared folders or the record features change.
@@ -57,6 +57,24 @@ ZLIB_LEVEL = 6
 
 class BadInputError(ValueError):
   """A dataset file is missing, unreadable or inconsistent; the message names the file."""
+
+
+# Appended to per-example errors in on_bad_input='error' mode: what the user can do next.
+SKIP_HINT = ("to skip bad inputs like this one and count them, rerun with "
+             "--config.data.on_bad_input=skip")
+
+
+def bad_input_handler(on_bad_input: str, problems: list[str]) -> Callable[[str], None]:
+  """`on_bad(message)` for a builder: raises BadInputError (mode 'error', with SKIP_HINT),
+  or logs a warning and appends the message to `problems` (mode 'skip')."""
+
+  def on_bad(msg: str) -> None:
+    if on_bad_input != "skip":
+      raise BadInputError(f"{msg}; {SKIP_HINT}")
+    logging.warning("Skipping bad input: %s", msg)
+    problems.append(msg)
+
+  return on_bad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +253,8 @@ def build_atomically(final_dir: str, build: Callable[[str], tuple[dict[str, Any]
   parent = os.path.dirname(final_dir)
   os.makedirs(parent, exist_ok=True)
   _remove_stale_tmp_dirs(parent, os.path.basename(final_dir))
-  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_dir)}-", dir=parent)
+  # Not tempfile.mkdtemp: its 0700 would make the prepared folder private to its builder.
+  tmp = fs.create_temp_dir(parent, prefix=f".tmp-{os.path.basename(final_dir)}-")
   try:
     start = time.time()
     meta, arrays = build(tmp)
@@ -263,6 +282,11 @@ def run_tfds_build(builder: tfds.core.DatasetBuilder) -> None:
   # tfds' nested per-split progress bars flood logs and CI output; our own log lines say
   # what is built and where.
   tfds.disable_progress_bar()
+  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
+  # and prepared to <temporary folder>" (termcolor, not logging): nothing is downloaded and
+  # the folder is renamed afterwards, so both lines mislead. Our lines name the final one.
+  builder._log_download_bytes = lambda: None  # pylint: disable=protected-access
+  builder._log_download_done = lambda: None  # pylint: disable=protected-access
   builder.download_and_prepare(
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -311,12 +311,7 @@ def build_coco(folder: str, layout: CocoLayout, on_bad_input: str,
                workers: int | None = None) -> None:
   """Checks and writes every split of `layout` into the prepared folder `folder`."""
   problems: list[str] = []
-
-  def on_bad(msg: str) -> None:
-    if on_bad_input != "skip":
-      raise builders.BadInputError(msg)
-    logging.warning("Skipping bad input: %s", msg)
-    problems.append(msg)
+  on_bad = builders.bad_input_handler(on_bad_input, problems)
 
   names, class_of, items, first = None, None, {}, None
   for split, path in layout.annotation_files.items():

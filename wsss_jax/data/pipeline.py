@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -114,13 +115,22 @@ def _ensure_absl_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _worker_ignores_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """Grain worker start-up: ignore SIGINT. A terminal's Ctrl-C goes to the whole process
+  group; the main process handles it (checkpoint, exit 75: `train/preemption.py`) and
+  ends its workers, which would otherwise die first, each with a traceback."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _finish(ds: grain.MapDataset, data_cfg) -> grain.IterDataset:
   it_ds = ds.to_iter_dataset(_read_options(data_cfg))
   workers = int(_cfg(data_cfg, "num_workers", 0))
   if workers > 0:
     _ensure_absl_flags()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(1, int(_cfg(data_cfg, "prefetch", 2)))))
+        num_workers=workers, per_worker_buffer_size=max(1, int(_cfg(data_cfg, "prefetch", 2)))),
+                              worker_init_fn=_worker_ignores_ctrl_c)
   return it_ds
 
 

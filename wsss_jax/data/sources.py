@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -175,6 +176,24 @@ def _split_info(folder: str, meta: dict[str, Any], split: str) -> dict[str, Any]
   return meta["splits"][split]
 
 
+_builders: dict[str, tfds.core.DatasetBuilder] = {}
+_builders_lock = threading.Lock()
+
+
+def _builder(builder_dir: str) -> tfds.core.DatasetBuilder:
+  """The tfds builder of a prepared folder, read once per process.
+
+  Each read logs "Load dataset info from ..." and parses its JSON files; stages open
+  several sources of one dataset (and grain's threads open them at once: hence the
+  lock), so without this the log repeats the line a dozen times. Prepared folders never
+  change once complete (builders.build_atomically), so the cached builder stays valid.
+  """
+  with _builders_lock:
+    if builder_dir not in _builders:
+      _builders[builder_dir] = tfds.builder_from_directory(builder_dir)
+    return _builders[builder_dir]
+
+
 class RecordSource:
   """A grain random-access source (len, __getitem__) over one split of a prepared dataset.
 
@@ -202,8 +221,7 @@ class RecordSource:
 
   def _source(self):
     if self._src is None:
-      builder = tfds.builder_from_directory(self._builder_dir)
-      self._src = builder.as_data_source(self._tfds_split)
+      self._src = _builder(self._builder_dir).as_data_source(self._tfds_split)
     return self._src
 
   def __len__(self) -> int:

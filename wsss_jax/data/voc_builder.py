@@ -12,9 +12,11 @@ Decisions:
 - Mask resolution per id: `SegmentationClass/<id>.png` when it exists, else
   `SegmentationClassAug/<id>.png`. The official VOC masks win where both exist (val is
   scored on them), SBD's converted masks fill in the train_aug ids VOC does not annotate.
-- Split lines: the first whitespace-separated token; a path-like token
-  (`/JPEGImages/2007_000032.jpg /SegmentationClassAug/...`, the DeepLab list format) is
-  reduced to its file stem. Blank lines and lines starting with '#' are ignored.
+- Split lines: the whole line, stripped, is the id (ids may contain spaces); a DeepLab list
+  line (`/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`) or a
+  path-like line is reduced to the image's file stem. Blank lines and lines starting with
+  '#' are ignored. Each line is decoded on its own: a line that is not UTF-8 is a bad
+  input named by its line number (skipped with `on_bad_input=skip`), not the whole file.
 - Classes: `data.class_names` if set, else `classes.txt`, else the 20 VOC classes +
   background (`configs.common.VOC_CLASSES`). Mask ids must be < C or 255 (ignore).
 - Image-level labels are the foreground ids present in the mask.
@@ -57,6 +59,8 @@ VOC_CLASSES = (
     "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
     "sheep", "sofa", "train", "tvmonitor")
 _PATH_LIKE = re.compile(r"[/\\]|\.(jpe?g|png)$", re.IGNORECASE)
+# DeepLab list format: `<image path> <mask path>`; paths may contain spaces.
+_LIST_LINE = re.compile(r"^(.+?\.(?:jpe?g|png))\s+\S.*\.png$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,8 @@ class VocLayout:
   images: dict[str, str]                      # id -> image path
   masks: dict[str, tuple[str, str]]           # id -> (mask path, mask folder name)
   fingerprint: str
+  # split -> messages about lines that could not be read (not UTF-8), naming file and line
+  split_problems: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   @property
   def splits(self) -> tuple[str, ...]:
@@ -96,22 +102,36 @@ def _listing(folder: str, exts: tuple[str, ...]) -> tuple[dict[str, str], list]:
   return {k: v[1] for k, v in best.items()}, sorted(stats)
 
 
-def _parse_split_file(path: str) -> tuple[tuple[int, str], ...]:
+def split_line_id(line: str) -> str:
+  """The image id a (stripped, non-empty) split-file line names."""
+  listed = _LIST_LINE.match(line)
+  path = listed.group(1) if listed else line
+  if _PATH_LIKE.search(path):
+    return os.path.splitext(os.path.basename(path.replace("\\", "/")))[0]
+  return path
+
+
+def _parse_split_file(path: str) -> tuple[tuple[tuple[int, str], ...], tuple[str, ...]]:
+  """((line number, id), ...) of a split file, and messages naming unreadable lines."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
       lines = f.read().splitlines()
-  except (OSError, UnicodeDecodeError) as e:
+  except OSError as e:
     raise builders.BadInputError(f"{path}: cannot read split file ({e})") from e
-  out = []
-  for n, line in enumerate(lines, 1):
-    line = line.strip()
+  out, problems = [], []
+  for n, raw in enumerate(lines, 1):
+    try:
+      line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+      problems.append(f"{path}:{n}: line is not valid UTF-8 ({e.reason} at byte {e.start} "
+                      f"of {raw!r}); write the split file as UTF-8")
+      continue
+    if line.startswith("\ufeff") and n == 1:  # a byte-order mark (Windows editors)
+      line = line[1:].strip()
     if not line or line.startswith("#"):
       continue
-    token = line.split()[0]
-    if _PATH_LIKE.search(token):
-      token = os.path.splitext(os.path.basename(token.replace("\\", "/")))[0]
-    out.append((n, token))
-  return tuple(out)
+    out.append((n, split_line_id(line)))
+  return tuple(out), tuple(problems)
 
 
 def _class_names(root: str, configured: Iterable[str]) -> tuple[tuple[str, ...], str]:
@@ -163,9 +183,9 @@ def scan(root: str, class_names: Iterable[str] = ()) -> VocLayout:
 
   h = hashlib.sha256()
   h.update(repr((builders.FORMAT_VERSION, names)).encode())
-  entries = {}
+  entries, split_problems = {}, {}
   for split, path in split_files.items():
-    entries[split] = _parse_split_file(path)
+    entries[split], split_problems[split] = _parse_split_file(path)
     with open(path, "rb") as f:
       h.update(repr((split, hashlib.sha256(f.read()).hexdigest())).encode())
   image_names, stats = _listing(os.path.join(real, IMAGE_DIR), _IMAGE_EXTS)
@@ -178,7 +198,8 @@ def scan(root: str, class_names: Iterable[str] = ()) -> VocLayout:
     for k, v in mask_names.items():
       masks.setdefault(k, (os.path.join(real, d, v), d))
   return VocLayout(root=real, class_names=names, class_source=class_source,
-                   split_files=split_files, split_entries=entries, images=images, masks=masks,
+                   split_files=split_files, split_entries=entries,
+                   split_problems=split_problems, images=images, masks=masks,
                    fingerprint=h.hexdigest())
 
 
@@ -333,17 +354,14 @@ def build_voc(folder: str, layout: VocLayout, on_bad_input: str,
   'skip' logs a warning per bad example, a final count, and records them in meta.json.
   """
   problems: list[str] = []
-
-  def on_bad(msg: str) -> None:
-    if on_bad_input != "skip":
-      raise builders.BadInputError(msg)
-    logging.warning("Skipping bad input: %s", msg)
-    problems.append(msg)
+  on_bad = builders.bad_input_handler(on_bad_input, problems)
 
   # Cheap checks first (no decoding): split files, duplicates, missing files.
   split_ids: dict[str, list[str]] = {}
   for split, entries in layout.split_entries.items():
     path = layout.split_files[split]
+    for message in layout.split_problems.get(split, ()):
+      on_bad(message)
     if not entries:
       on_bad(f"{path}: split file lists no ids (empty split '{split}')")
       continue
@@ -396,7 +414,8 @@ def build_voc(folder: str, layout: VocLayout, on_bad_input: str,
         continue
       arrays[f"indices__{split}"] = idx
       splits[split] = {"tfds_split": RECORDS_SPLIT, "indexed": True, "count": int(len(idx)),
-                       "skipped": len(layout.split_entries[split]) - int(len(idx)),
+                       "skipped": len(layout.split_entries[split]) - int(len(idx))
+                                  + len(layout.split_problems.get(split, ())),
                        "split_file": layout.split_files[split]}
     if not splits:
       raise builders.BadInputError(f"{layout.root}: every split is empty after skipping")

@@ -28,12 +28,13 @@ def cam_path(directory: str, image_id: str) -> str:
 
 
 def save(directory: str, image_id: str, keys: np.ndarray, cam: np.ndarray,
-         high_res: np.ndarray) -> None:
-  """Writes one image's CAMs atomically (np.savez, uncompressed: fast to read back)."""
+         high_res: np.ndarray, **extra: np.ndarray) -> None:
+  """Writes one image's CAMs atomically (np.savez, uncompressed: fast to read back);
+  `extra` arrays are stored beside them under their own names."""
   with wd.atomic_path(cam_path(directory, image_id)) as tmp:
     with open(tmp, "wb") as f:
       np.savez(f, keys=keys.astype(np.int32), cam=cam.astype(np.float16),
-               high_res=high_res.astype(np.float16))
+               high_res=high_res.astype(np.float16), **extra)
 
 
 def load(directory: str, image_id: str) -> dict[str, np.ndarray]:

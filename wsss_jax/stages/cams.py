@@ -55,16 +55,23 @@ def crop_cams(record: dict[str, Any], out: dict[str, np.ndarray]
   return keys, low, high
 
 
-def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  meta = sources.prepare(config.data)
+def cam_model(config: mlc.ConfigDict, workdir: str, num_classes: int
+              ) -> tuple[Any, dict[str, Any]]:
+  """(method, trained variables) of the model whose CAMs are made (`cams.variables`)."""
   which = config.cams.get("variables", "train")
   if which not in CAM_VARIABLES:
     raise ValueError(f"config.cams.variables={which!r}; expected one of {CAM_VARIABLES}")
   # The baseline stage trains the plain CAM model whatever config.method is.
-  method = methods.make_method(config, meta.num_classes,
+  method = methods.make_method(config, num_classes,
                                name="cam" if which == "baseline" else None)
   variables = inference.load_variables(
       os.path.join(workdir, which, inference.VARIABLES_FILE))
+  return method, variables
+
+
+def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  meta = sources.prepare(config.data)
+  method, variables = cam_model(config, workdir, meta.num_classes)
   batch_fn = cam_batch_fn(config, method.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   counts = {}
@@ -78,7 +85,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     written = fs.names_in(directory)
     exists = lambda i: os.path.basename(cam_store.cam_path(directory, i)) in written
     for record, out in inference.predict_split(config, split, batch_fn, mesh,
-                                               variables=variables, skip=exists):
+                                               variables=variables, skip=exists,
+                                               what="cams"):
       cam_store.save(directory, record["id"], *crop_cams(record, out))
     # Each process wrote its own images; the split is complete once all have.
     distributed.barrier(f"cams:{split}")
@@ -96,7 +104,8 @@ def overlays(config: mlc.ConfigDict, workdir: str, split: str) -> None:
   records = [source[i] for i in range(min(OVERLAY_COUNT, len(source)))]
   meta = sources.get_meta(config.data)
   cams = [cam_store.load(directory, r["id"]) for r in records]
-  titles = [r["id"] + ": " + ",".join(meta.class_names[k] for k in c["keys"])
-            for r, c in zip(records, cams)]
   figures.cam_overlays(os.path.join(workdir, "figures", "cam_overlays.png"),
-                       [r["image"] for r in records], [c["high_res"] for c in cams], titles)
+                       [r["image"] for r in records], [c["high_res"] for c in cams],
+                       [c["keys"] for c in cams], meta.class_names,
+                       [f"{r['id']} ({split})" for r in records],
+                       masks=[r["mask"] for r in records])

@@ -14,6 +14,7 @@ import numpy as np
 from wsss_jax import fs
 from wsss_jax.data import pipeline
 from wsss_jax.data import sources
+from wsss_jax.stages import progress as progress_lib
 from wsss_jax.stages import workdir as wd
 from wsss_jax.train import distributed
 from wsss_jax.train import mesh as mesh_lib
@@ -62,7 +63,7 @@ def predict_split(config: mlc.ConfigDict, split: str,
                   mesh: jax.sharding.Mesh, *, variables: Any = None,
                   skip: Callable[[str], bool] | None = None,
                   add_inputs: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-                  | None = None
+                  | None = None, what: str = "inference"
                   ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
   """Runs `batch_fn` over every image of `split`; yields `(record, outputs)` per image.
 
@@ -78,38 +79,61 @@ def predict_split(config: mlc.ConfigDict, split: str,
   read from disk, batch axis first, padded like the images).
   With several processes each yields only its own share of the split (the eval pipeline
   gives every record to exactly one process); callers merge with `train.distributed`.
+  Progress lines with an ETA (`stages/progress.py`) are named `what` and the split.
   """
   source = sources.get_source(config.data, split)
   pad = pipeline.eval_pad_size(source, config.data)
   batch_size = int(config.data.eval_batch_size)
   ds = pipeline.eval_dataset(source, config.data, pad_size=pad, batch_size=batch_size,
                              mesh=mesh, oversize="resize")
-  # Outputs stay sharded like the batch: each process fetches only its own rows (its
-  # images), never the whole global batch.
-  data = mesh_lib.batch_sharding(mesh)
-  fn = jax.jit(batch_fn, out_shardings=data)
-  variables = jax.device_put({} if variables is None else variables,
-                             mesh_lib.replicated(mesh))
-  for batch in ds:
+  run = compiled_batch_fn(batch_fn, mesh, variables)
+  progress = progress_lib.Progress(f"{what} {split!r}", len(source))
+  for number, batch in enumerate(ds):
     # Safe point for SIGTERM: outputs of earlier batches are on disk (callers write each
     # yielded image before asking for the next), so a rerun skips them.
     preemption.raise_if_requested(f"a batch of split {split!r}")
     ids = [str(i) for i in batch["id"]]
     index = np.asarray(batch["index"])
     live = [k for k in range(len(ids)) if index[k] >= 0]
+    # Images of this global batch over all processes (each process sees its rows only).
+    in_batch = min(batch_size, len(source) - number * batch_size)
     # The jitted call is collective over all processes: skip only when all of them can.
     if skip is not None and distributed.all_processes_agree(
         all(skip(ids[k]) for k in live)):
+      progress.update(in_batch, computed=False)
       continue
     if add_inputs is not None:
       batch = {**batch, **add_inputs(batch)}
-    out = fn(variables, mesh_lib.to_global(batch, mesh))
-    out = jax.device_get(multihost_utils.global_array_to_host_local_array(
-        out, mesh, data.spec))
+    out = run(batch)
     for k in live:
       record = source[int(index[k])]
       record["index"] = int(index[k])  # position in the split (for gather_indexed)
       yield record, {name: value[k] for name, value in out.items()}
+    progress.update(in_batch)
+  progress.close()
+
+
+def compiled_batch_fn(batch_fn: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]],
+                      mesh: jax.sharding.Mesh, variables: Any = None
+                      ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+  """`batch_fn(variables, batch)` jitted over `mesh`, as a function of this process's
+  host batch (batch axis first) returning this process's rows of the outputs (numpy).
+
+  `variables` are put on the devices once (replicated) and passed as a jit argument.
+  """
+  # Outputs stay sharded like the batch: each process fetches only its own rows (its
+  # images), never the whole global batch.
+  data = mesh_lib.batch_sharding(mesh)
+  fn = jax.jit(batch_fn, out_shardings=data)
+  variables = jax.device_put({} if variables is None else variables,
+                             mesh_lib.replicated(mesh))
+
+  def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = fn(variables, mesh_lib.to_global(batch, mesh))
+    return jax.device_get(multihost_utils.global_array_to_host_local_array(
+        out, mesh, data.spec))
+
+  return run
 
 
 def local_slots(config: mlc.ConfigDict, num_records: int) -> int:

@@ -53,6 +53,12 @@ class Workdir:
   _sources: dict[str, sources.RecordSource] = dataclasses.field(
       default_factory=dict, repr=False, compare=False)
 
+  def __repr__(self) -> str:
+    # The config runs to hundreds of lines; `w.config` shows it when wanted.
+    c = self.config
+    return (f"Workdir({self.path!r}, method={c.get('method')!r}, "
+            f"dataset={c.get('data', {}).get('name')!r})")
+
   @property
   def name(self) -> str:
     return os.path.basename(os.path.normpath(self.path))

@@ -107,7 +107,7 @@ def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
   written = fs.names_in(pseudo_dir(workdir))
   exists = lambda i: os.path.basename(label_path(workdir, i)) in written
   for record, out in inference.predict_split(config, split, batch_fn, mesh, skip=exists,
-                                             add_inputs=add):
+                                             add_inputs=add, what="pseudo"):
     h, w = record["mask"].shape
     with wd.atomic_path(label_path(workdir, record["id"])) as tmp:
       palette.save_palette_png(tmp, out["pseudo"][:h, :w].astype(np.uint8))
@@ -153,7 +153,7 @@ def gallery(config: mlc.ConfigDict, workdir: str, split: str) -> None:
       [r["image"] for r in records],
       {"ground truth": [r["mask"] for r in records],
        "pseudo": [read_label(label_path(workdir, r["id"])) for r in records]},
-      [r["id"] for r in records])
+      [f"{r['id']} ({split})" for r in records], sources.get_meta(config.data).class_names)
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -158,7 +158,8 @@ def classification_map(config: mlc.ConfigDict, logits_fn: Any, variables: dict[s
   num_fg = len(source[0]["labels"])
   index, scores, labels = [], [], []
   for record, out in inference.predict_split(config, config.data.val_split, logits_fn,
-                                             mesh, variables=variables):
+                                             mesh, variables=variables,
+                                             what="classification mAP"):
     index.append(record["index"])
     scores.append(out["logits"])
     labels.append(np.asarray(record["labels"]) > 0)

@@ -20,8 +20,8 @@ step and metric that went non-finite (`loss*`, `l2_*`). Training then stops with
 `NonFiniteError`; no later checkpoint is written (the checkpointer also refuses non-finite
 states), so the newest checkpoint on disk is the last finite one.
 
-Preemption (`train/preemption.py`): after every step the loop polls the SIGTERM flag; when
-set it saves a checkpoint of that step (data position included), writes a
+Preemption (`train/preemption.py`): after every step the loop polls the SIGTERM/SIGINT
+flag; when set it saves a checkpoint of that step (data position included), writes a
 `{"step": s, "preempted": ...}` line and raises `Preempted`. A rerun resumes exactly there.
 """
 from __future__ import annotations

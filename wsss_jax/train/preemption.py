@@ -1,9 +1,12 @@
-"""Preemption: SIGTERM stops a run at the next safe point, saved, with a documented exit code.
+"""Preemption: SIGTERM or Ctrl-C stops a run at the next safe point, saved, with a
+documented exit code.
 
 Cloud schedulers (Kubernetes, SLURM `--signal`, spot/preemptible VMs) send SIGTERM and
-kill the job a grace period later. The `wsss` command installs `install()`'s handler, which
-only sets a flag (a signal handler must not do I/O or touch JAX). Long loops poll the flag
-at their safe points:
+kill the job a grace period later; a user at a terminal presses Ctrl-C (SIGINT). Both get
+the same treatment: the `wsss` command installs `install()`'s handler, which only sets a
+flag (a signal handler must not do I/O or touch JAX), instead of Python's
+KeyboardInterrupt, which would unwind from wherever it lands and lose every step since the
+last periodic checkpoint. Long loops poll the flag at their safe points:
 
 - the training loop (`train/loop.py`) after every step: it saves a checkpoint of that step
   (train state and data-iterator position, so the resumed run is exact) and raises
@@ -14,11 +17,11 @@ at their safe points:
 - the stage runner before every stage.
 
 `wsss` then exits with `EXIT_CODE` (75, `EX_TEMPFAIL`: "try again"); rerunning the same
-command continues. The time from SIGTERM to exit is at most one train step plus one
+command continues. The time from the signal to exit is at most one train step plus one
 checkpoint save, or one inference batch; the `data` build (atomic: a temporary folder
 renamed when complete) and the CPU-only sweep/scoring loops run to their end first. A
-second SIGTERM kills the process at once (nothing trusted is lost: every output is written
-atomically, see `stages/workdir.py`).
+second signal (SIGTERM or Ctrl-C) kills the process at once (nothing trusted is lost:
+every output is written atomically, see `stages/workdir.py`).
 
 With several processes the flag is agreed collectively (`should_stop`, every `SYNC_EVERY`
 steps or batches): every process stops at the same step or batch, as the collectives in
@@ -36,7 +39,7 @@ import jax
 
 # os.EX_TEMPFAIL: a temporary failure; the caller is invited to retry (rerun to continue).
 EXIT_CODE = 75
-SIGNALS = (signal.SIGTERM,)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # With several processes, how many calls of `should_stop` share one collective check.
 SYNC_EVERY = 10
@@ -72,14 +75,17 @@ def _handler(signum: int, frame: Any) -> None:
   _requested.set()
   # logging from a handler is safe enough here: it runs between bytecodes of the main
   # thread, not inside a C library call.
+  again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
   logging.warning("%s received: stopping at the next step/batch boundary after saving "
-                  "(send it again to exit at once).", signal.Signals(signum).name)
+                  "(%s to exit at once).", signal.Signals(signum).name, again)
 
 
 def install() -> None:
-  """Installs the flag-setting handler for SIGTERM (main thread only; idempotent)."""
+  """Installs the flag-setting handler for SIGTERM and SIGINT (main thread only;
+  idempotent)."""
   if threading.current_thread() is not threading.main_thread():
-    logging.warning("preemption.install: not on the main thread; SIGTERM not handled.")
+    logging.warning("preemption.install: not on the main thread; SIGTERM/SIGINT not "
+                    "handled.")
     return
   for sig in SIGNALS:
     if sig not in _previous:
