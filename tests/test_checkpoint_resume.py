@@ -16,7 +16,7 @@ from wsss_jax.methods.base import Method
 from wsss_jax.methods.cam import make_cam_method
 from wsss_jax.train import checkpoint as ckpt_lib
 from wsss_jax.train import loop
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import nan_guard
 from wsss_jax.train import state as state_lib
 

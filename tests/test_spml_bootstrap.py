@@ -79,7 +79,7 @@ def _classifier_run(frozen, batches):
 
 
 def _initial_state(batch):
-  from wsss_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from wsss_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   method, cfg = _classifier_method(spml_bootstrap.EMBEDDING_PARAMS)
   opt = state_lib.make_optimizer_for(method, cfg, batch)

@@ -148,7 +148,7 @@ def bucket(tmp_path_factory, run):
   """`run`'s two invocations again with the work directory in a bucket (gs://bkt/run)."""
   import gcs_emulator
   from wsss_jax import fs
-  from wsss_jax.stages import inspect
+  from wsss_jax.analysis import reader
   store = tmp_path_factory.mktemp("gcs")
   server, url = gcs_emulator.start(str(store))
   env = gcs_emulator.client_env(url)
@@ -163,7 +163,7 @@ def bucket(tmp_path_factory, run):
     with pytest.MonkeyPatch.context() as mp:
       for key, value in env.items():
         mp.setenv(key, value)
-      w = inspect.open_workdir(workdir)
+      w = reader.open_workdir(workdir)
       yield {"workdir": workdir, "blob": blob, "first_mtime": first_mtime, "fs": fs,
              "results": w.json("results.json"), "open": w,
              "train_log": w.metrics_log("train")}

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
-  from wsss_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   # Before anything starts a JAX backend.
   distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if overrides:
     logging.info("Config overrides: %s", overrides)
-  from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
   # SIGTERM (pre-emption) stops at the next step/batch after saving; exit code 75 means
   # "rerun the same command to continue" (wsss_jax/train/preemption.py).
   preemption.install()

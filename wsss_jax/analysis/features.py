@@ -32,12 +32,12 @@ from wsss_jax.data import transforms
 from wsss_jax.ops import kmeans as km
 from wsss_jax.ops import memory
 from wsss_jax.stages import inference
-from wsss_jax.stages import inspect as inspect_lib
+from wsss_jax.analysis import reader as reader
 
 Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def model_outputs(w: inspect_lib.Workdir, stage: str = "train", scale: float = 1.0
+def model_outputs(w: reader.Workdir, stage: str = "train", scale: float = 1.0
                   ) -> Extractor:
   """`images uint8 [B, H, W, 3] -> model outputs` (numpy) of the trained model of `stage`.
 
@@ -136,7 +136,7 @@ def similarity_maps(features: np.ndarray, vectors: np.ndarray) -> np.ndarray:
   return np.einsum("hwd,nd->nhw", f, l2_normalize(vectors.astype(np.float32)))
 
 
-def background_mask(w: inspect_lib.Workdir, split: str, record: dict[str, Any],
+def background_mask(w: reader.Workdir, split: str, record: dict[str, Any],
                     size: tuple[int, int]) -> np.ndarray:
   """bool [h, w]: background under the pseudo-label (else the CAM at the best threshold),
   at the feature resolution `size`; FBR takes its NROIs from such pixels."""
@@ -173,7 +173,7 @@ def bank_statistics(bank: memory.FifoBank, step: int,
   return out
 
 
-def nroi_bank_replay(w: inspect_lib.Workdir, extract: Extractor, split: str | None = None, *,
+def nroi_bank_replay(w: reader.Workdir, extract: Extractor, split: str | None = None, *,
                      num_nrois: int = 4, capacity: int = 32, batch_size: int = 4,
                      max_batches: int | None = None, seed: int = 0,
                      feature_key: str = "features") -> list[dict[str, float]]:
@@ -219,7 +219,7 @@ def nroi_bank_replay(w: inspect_lib.Workdir, extract: Extractor, split: str | No
   return history
 
 
-def checkpoint_extra(w: inspect_lib.Workdir, stage: str = "train") -> Any:
+def checkpoint_extra(w: reader.Workdir, stage: str = "train") -> Any:
   """The method's `extra` state (EMA teacher, memory banks, prototypes) from the latest
   orbax checkpoint of `stage`, as a host pytree; None when there is none or it cannot be
   read without the method's target structure. An empty `extra` (the CAM baseline) is

@@ -6,7 +6,7 @@ notebooks may point at a run that is still going. Every reader reuses the stage 
 wrote the file (`cam_store`, `pseudo.read_label`, `sweep.threshold_predictions`), so what
 a notebook shows is what the pipeline scored.
 
-  w = inspect.open_workdir("runs/synthetic_cam")
+  w = reader.open_workdir("runs/synthetic_cam")
   w.results["cam_miou"], w.sweep()["best_threshold"]
   rec = w.record(w.sweep_split, 0); cams = w.cams(w.sweep_split, rec["id"])
 """

@@ -219,7 +219,7 @@ def check_preemption() -> None:
   Local, not collective: only one process builds. The temporary folder is removed by
   `build_atomically`, so the rerun builds again from the start.
   """
-  from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
   if preemption.requested():
     raise preemption.Preempted("building the dataset (a rerun builds it again)")
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from wsss_jax.data import augment_ops
 from wsss_jax.data import transforms
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 DATA_AXIS = mesh_lib.DATA_AXIS
 PAD_MULTIPLE = 32

@@ -20,8 +20,8 @@ from wsss_jax.data import sources
 from wsss_jax.stages import inference
 from wsss_jax.stages import train as train_stage
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
 
 STAGE_DIR = "baseline"
 

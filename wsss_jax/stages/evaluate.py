@@ -19,8 +19,8 @@ from wsss_jax.stages import figures
 from wsss_jax.stages import inference
 from wsss_jax.stages import seg as seg_stage
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
 
 EVAL_FILE = "evaluate.json"
 GALLERY_SIZE = 6

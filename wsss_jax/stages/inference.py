@@ -15,9 +15,9 @@ from wsss_jax import fs
 from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
-from wsss_jax.train import preemption
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
+from wsss_jax.runtime import preemption
 
 VARIABLES_FILE = "final_variables.msgpack"
 

@@ -126,7 +126,7 @@ def _superpixel_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]
 
 def _count_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
   from wsss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from wsss_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
   problems = []
   steps = {"train": "train.num_steps", "baseline": "baseline.num_steps",

@@ -33,8 +33,8 @@ from wsss_jax.stages import figures
 from wsss_jax.stages import inference
 from wsss_jax.stages import sweep as sweep_stage
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
 
 CRF_PRESETS = {"label": crf_lib.LABEL_CRF, "psa": crf_lib.PSA_CRF,
                "deeplab": crf_lib.DEEPLAB_CRF}

@@ -18,8 +18,8 @@ import ml_collections as mlc
 from wsss_jax import fs
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import preemption
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import preemption
 
 # Stage name -> module under wsss_jax.stages with `run(config, workdir) -> dict`.
 # Modules are imported lazily so the `data` stage does not pay for model imports.

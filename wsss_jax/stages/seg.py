@@ -19,7 +19,7 @@ from wsss_jax.data import sources
 from wsss_jax.stages import pseudo as pseudo_stage
 from wsss_jax.stages import train as train_stage
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
+from wsss_jax.runtime import distributed
 
 PSEUDO_SOURCES = ("pseudo", "gt")
 

@@ -50,7 +50,7 @@ from wsss_jax.stages import seg as seg_stage
 from wsss_jax.stages import spml_labels
 from wsss_jax.stages import train as train_stage
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 OUT_DIR = "spml_boot"     # final labels in workdir/spml_boot/pseudo/<id>.png
 # The embedding network: everything but the classifier head (`classifier_*`).

@@ -59,7 +59,7 @@ from wsss_jax.stages import cam_store
 from wsss_jax.stages import inference
 from wsss_jax.stages import pseudo as pseudo_stage
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 OUT_DIR = "spml"          # labels in workdir/spml/pseudo/<id>.png (pseudo-stage layout)
 PROPAGATIONS = ("nn", "rw")

@@ -18,7 +18,7 @@ from wsss_jax.ops import metrics
 from wsss_jax.stages import cam_store
 from wsss_jax.stages import figures
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
+from wsss_jax.runtime import distributed
 
 SWEEP_FILE = "sweep.json"
 

@@ -22,9 +22,9 @@ from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.stages import inference
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
+from wsss_jax.runtime import distributed
 from wsss_jax.train import loop
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import rollback
 from wsss_jax.train import warm_start
 

@@ -39,10 +39,10 @@ from wsss_jax import fs
 from wsss_jax.methods.base import Method
 from wsss_jax.train import checkpoint as ckpt_lib
 from wsss_jax.train import log as log_lib
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import nan_guard
 from wsss_jax.train import optim as optim_lib
-from wsss_jax.train import preemption
+from wsss_jax.runtime import preemption
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib
 from wsss_jax.train.nan_guard import NonFiniteError
