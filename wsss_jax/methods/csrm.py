@@ -46,9 +46,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wsss_jax.data import transforms
 from wsss_jax.methods import base
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import classmix as classmix_ops
+from wsss_jax.ops import image as image_ops
 from wsss_jax.ops import csrm_losses as L
 from wsss_jax.ops import memory
 from wsss_jax.ops import resize
@@ -173,7 +174,7 @@ def make_csrm_method(config: Any, num_classes: int, *,
 
     # 1-2. Teacher (eval) -> CAM pseudo masks.
     t1, _ = ctx.apply(teacher["params"], teacher["batch_stats"], images, train=False)
-    rgb = transforms.denormalize(images, as_uint8=False)
+    rgb = image_ops.denormalize(images, as_uint8=False)
     y_cam = L.cam_pseudo_masks(t1["class_cams"], labels, rgb, float(cfg.fg_threshold),
                                float(cfg.bg_threshold), use_crf=bool(cfg.use_crf),
                                crf_iters=int(cfg.crf_iters), gt_prob=float(cfg.crf_gt_prob),
@@ -276,7 +277,7 @@ def make_csrm_method(config: Any, num_classes: int, *,
 
     total = (cfg.w_c * l_c + cfg.w_c2s * l_c2s + cfg.w_s2c * sched.w_s2c * l_s2c
              + sched.active * (cfg.w_u * l_u + cfg.w_contra * l_con))
-    labelled = (y_cam != L.IGNORE)
+    labelled = (y_cam != IGNORE_INDEX)
     metrics = {
         "l_c": l_c, "l_c2s": l_c2s, "l_s2c": l_s2c, "l_u": l_u, "l_contra": l_con,
         "w_s2c": sched.w_s2c, "active": sched.active, "drop_percent": sched.drop_percent,
@@ -284,7 +285,7 @@ def make_csrm_method(config: Any, num_classes: int, *,
         "mixed": jnp.any(paste).astype(jnp.float32),
         "cam_labelled_fraction": jnp.mean(labelled.astype(jnp.float32)),
         "cam_fg_fraction": jnp.mean((labelled & (y_cam > 0)).astype(jnp.float32)),
-        "u_kept_fraction": (jnp.sum(y_u != L.IGNORE).astype(jnp.float32),
+        "u_kept_fraction": (jnp.sum(y_u != IGNORE_INDEX).astype(jnp.float32),
                             jnp.sum(jnp.broadcast_to(is_u[:, None, None], y_u.shape))
                             .astype(jnp.float32)),
         "contrast_valid_classes": jnp.sum(class_valid).astype(jnp.float32),

@@ -49,9 +49,11 @@ import jax.numpy as jnp
 from wsss_jax.methods import base
 from wsss_jax.methods import cam as cam_method
 from wsss_jax.models.heads import CAMHead, backbone_pointwise_impl
+from wsss_jax.ops import losses
 from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import group_contrast as gc
+from wsss_jax.ops.norms import l2_normalize
 
 VARIANTS = ("full", "independent", "pgcl_only", "sgcl_only")
 PGCL_MODES = ("group", "pixel")
@@ -134,7 +136,7 @@ class DSCNetR(nn.Module):
     assign = jax.lax.stop_gradient(res.assign)
     means, counts = jax.vmap(lambda x, a: gc.group_means(x, a, k_max))(f.reshape(b, n, d),
                                                                          assign)
-    out.update(assign=assign, group_emb=gc.l2_normalize(means), group_valid=counts > 0)
+    out.update(assign=assign, group_emb=l2_normalize(means), group_valid=counts > 0)
     if not (self.use_class_nodes or self.use_fusion):
       return out
 
@@ -143,7 +145,7 @@ class DSCNetR(nn.Module):
     if not self.class_nodes_grad:  # SGCL then leaves the CAM classifier to L_cls alone
       kernel = jax.lax.stop_gradient(kernel)
     bg = self.param("bg_node", nn.initializers.normal(1.0), (d,), jnp.float32)
-    nodes = gc.l2_normalize(jnp.concatenate([bg[None], kernel.astype(jnp.float32)], 0))
+    nodes = l2_normalize(jnp.concatenate([bg[None], kernel.astype(jnp.float32)], 0))
     logits_kc = gc.class_logits(means, nodes, self.sgcl_temperature)  # [B, K, C]
     out.update(class_nodes=nodes, group_class_logits=logits_kc)
     if not self.use_fusion:
@@ -297,11 +299,11 @@ def make_dscnet_method(config: Any, num_classes: int, *,
     out, new_bs = ctx.apply(params, batch_stats, images, labels=labels, kmeans_keys=keys)
     valid = out["valid"]
     metrics = dict(cam_method.cam_metrics(out["plain_logits"], labels))
-    l_cls = jnp.mean(cam_method.multilabel_soft_margin_loss(out["plain_logits"], labels))
+    l_cls = jnp.mean(losses.multilabel_soft_margin_loss(out["plain_logits"], labels))
     total = float(r.baseline_cls_weight) * l_cls
     metrics["loss_cls"] = l_cls
     if use_fusion:
-      l_ref = jnp.mean(cam_method.multilabel_soft_margin_loss(out["refined_logits"], labels))
+      l_ref = jnp.mean(losses.multilabel_soft_margin_loss(out["refined_logits"], labels))
       total += float(r.refined_cls_weight) * l_ref
       metrics["loss_refined_cls"] = l_ref
       metrics.update({f"refined_{k}": v for k, v in cam_method.cam_metrics(
@@ -324,7 +326,7 @@ def make_dscnet_method(config: Any, num_classes: int, *,
       if cfg.pgcl_mode == "group":
         emb, lab, ok = out["group_emb"], g_lab, g_valid                   # [B, K, ...]
       else:
-        emb = gc.l2_normalize(out["features"]).reshape(b, y.shape[1], -1)
+        emb = l2_normalize(out["features"]).reshape(b, y.shape[1], -1)
         lab, ok = y, valid.reshape(b, -1)
         if cfg.pixel_num_samples > 0:
           idx, any_ok = jax.vmap(lambda k, m: contrastive.masked_categorical(

@@ -39,15 +39,16 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from wsss_jax.methods import base
-from wsss_jax.methods import seg as seg_method
 from wsss_jax.models.batch_norm import BatchNorm
+from wsss_jax.ops import losses
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import kmeans as kmeans_ops
 from wsss_jax.ops import resize
 from wsss_jax.ops import segments as seg_ops
 from wsss_jax.ops import vmf_loss
+from wsss_jax.ops.norms import l2_normalize
 
-IGNORE = 255
 WEAK_LABELS = ("tags", "points", "scribbles", "boxes")
 # (lambda_I, lambda_A, lambda_C, lambda_O) per weak label: paper Table 5 and the released
 # code's scripts (METHODS.md §5.3 notes: the code uses ~0.3x the paper for tags/boxes).
@@ -195,10 +196,6 @@ def _gather_replicated(ctx: base.StepContext, x: jax.Array) -> jax.Array:
   return jax.lax.psum(full, ctx.axis_name).astype(kind)
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def cluster_and_segment(emb: jax.Array, label: jax.Array, superpixel: jax.Array,
                         valid: jax.Array, *, grid: int, iters: int, max_segments: int,
                         num_labels: int, num_superpixels: int):
@@ -212,7 +209,7 @@ def cluster_and_segment(emb: jax.Array, label: jax.Array, superpixel: jax.Array,
   """
   h, w, d = emb.shape
   loc = seg_ops.location_features(h, w)
-  v = _normalize(jnp.concatenate([emb.reshape(-1, d), loc], axis=-1))
+  v = l2_normalize(jnp.concatenate([emb.reshape(-1, d), loc], axis=-1))
   vs = jax.lax.stop_gradient(v)
   mask = valid.reshape(-1)
   k = grid * grid
@@ -265,7 +262,7 @@ def make_spml_method(config: Any, num_classes: int, *, model: nn.Module | None =
     emb = out["embedding"]
     b, h, wd, _ = emb.shape
     mask = resize.resize_nearest(batch["mask"], (h, wd))
-    valid = mask != IGNORE
+    valid = mask != IGNORE_INDEX
     label = jnp.where(valid, jnp.minimum(mask, c), 0)
     has_sp = "superpixels" in batch
     if not has_sp and w["lambda_i"] > 0 and sc.superpixels.method != "none":
@@ -363,12 +360,12 @@ def make_spml_method(config: Any, num_classes: int, *, model: nn.Module | None =
     # Softmax classifier on the detached embedding, labelled pixels only.
     crop = batch["mask"].shape[1:3]
     logits = resize.resize_bilinear(out["seg_logits"], crop)
-    ce_labels = jnp.where(batch["mask"] < c, batch["mask"], IGNORE)
-    ce_sum, ce_cnt = seg_method.pixel_cross_entropy(logits, ce_labels)
+    ce_labels = jnp.where(batch["mask"] < c, batch["mask"], IGNORE_INDEX)
+    ce_sum, ce_cnt = losses.pixel_cross_entropy(logits, ce_labels)
     add("cls", w["cls_weight"], ce_sum, ce_cnt)
 
     pred = jnp.argmax(logits, axis=-1)
-    correct = jnp.sum((pred == ce_labels) & (ce_labels != IGNORE)).astype(jnp.float32)
+    correct = jnp.sum((pred == ce_labels) & (ce_labels != IGNORE_INDEX)).astype(jnp.float32)
     num_valid = jnp.sum(valid).astype(jnp.float32)
     metrics.update({
         "cls_pixel_accuracy": (correct, ce_cnt),

@@ -22,10 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def scaled_size(n: int, scale: float) -> int:
-  """Side length of a test-time scale (IRN `pil_rescale`: round(n * scale), >= 1 px)."""
-  return max(1, int(np.round(n * scale)))
+from wsss_jax.ops.sizes import scaled_size  # noqa: F401  (re-exported for callers)
 
 
 def _as_size(size: Sequence[int]) -> tuple[int, int]:
