@@ -127,7 +127,7 @@ def test_ground_truth_upper_bound(run):
 
 
 def test_seg_refuses_to_resume_from_other_pseudo_labels(run, tmp_path):
-  from wsss_jax.stages import seg as seg_stage
+  from wsss_jax.stages import training
   w = run["workdir"]
   with open(w / "seg" / "inputs.json") as f:
     inputs = json.load(f)
@@ -135,8 +135,8 @@ def test_seg_refuses_to_resume_from_other_pseudo_labels(run, tmp_path):
   changed = json.loads(json.dumps(inputs))
   changed["pseudo"]["bg_threshold"] = 0.5
   with pytest.raises(ValueError, match="Delete"):
-    seg_stage.check_inputs(str(w / "seg"), changed)
-  seg_stage.check_inputs(str(w / "seg"), inputs)  # same inputs: resumes quietly
+    training.check_inputs(str(w / "seg"), changed)
+  training.check_inputs(str(w / "seg"), inputs)  # same inputs: resumes quietly
 
 
 HEADLINE = ("train_map", "cam_miou", "cam_threshold", "pseudo_miou", "seg_miou",

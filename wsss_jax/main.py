@@ -7,7 +7,9 @@ r"""Command line: runs the stages a config lists, in order, in one work director
 `wsss` is this module (`python -m wsss_jax.main`). The logic lives in
 `wsss_jax.stages.runner.run_stages(config, workdir)` so notebooks call the same code.
 """
+import glob
 import logging as pylogging
+import os
 import sys
 
 from absl import app
@@ -20,7 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, `path.py` or `path.py:arg` (see configs/).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created if missing).")
-# Multi-host (wsss_jax/train/distributed.py). Every process runs the same command; with
+# Multi-host (wsss_jax/runtime/distributed.py). Every process runs the same command; with
 # `auto`, SLURM (srun) and TPU_WORKER_HOSTNAMES are detected, `on` asks JAX's own cluster
 # detection (TPU VM pods), explicit flags work anywhere (and localhost tests).
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -33,6 +35,46 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 # Exposes --jax_* flags (e.g. --jax_platforms). Required flags are marked only in run(),
 # because this parses argv at import time (JAX_NOTES.md P7).
 jax.config.parse_flags_with_absl()
+
+
+# The keys most runs set (configs/common.py has them all; any key takes --config.KEY=VALUE).
+COMMON_KEYS = (
+    ("stages", "comma list of stages to run, in order"),
+    ("method", "cam | csrm | fbr | spml | dscnet_r"),
+    ("seed", "random seed (data order, initialisation)"),
+    ("data.name / data.root", "synthetic | voc | coco, and the dataset folder"),
+    ("data.train_split / sweep_split / val_split", "where to train, sweep, evaluate"),
+    ("data.batch_size", "global train batch"),
+    ("model.backbone", "efficientnet_lite0 | resnet50 | ..."),
+    ("train.num_steps / optim.lr", "training schedule"),
+    ("cams.scales / pseudo.mode / seg.pseudo_source", "CAM scales, pseudo-label rule, "
+     "segmentation labels (pseudo | gt)"),
+    ("rerun", "'' (stop if outputs on disk came from other settings) | 'changed' "
+     "(delete and recompute them)"),
+)
+
+
+def usage() -> str:
+  """`wsss --help`: the stages (from the registry), the config files and the common keys."""
+  from wsss_jax.stages import registry  # pylint: disable=g-import-not-at-top
+  lines = [__doc__.rstrip(), "", "Stages (config.stages; default "
+           f"{','.join(registry.DEFAULT_STAGES)}):"]
+  width = max(len(n) for n in registry.NAMES)
+  lines += [f"  {s.name:<{width}}  {s.summary}" for s in registry.STAGES]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  folders = sorted(glob.glob(os.path.join(repo, "configs", "*", "")))
+  if folders:
+    lines += ["", "Config files (configs/<dataset>/<method>.py, each with a CPU-sized "
+              "`:runlocal` variant):"]
+    lines += [f"  configs/{os.path.basename(os.path.dirname(f))}/: " + " ".join(
+        os.path.basename(c) for c in sorted(glob.glob(os.path.join(f, "*.py"))))
+              for f in folders]
+  width = max(len(k) for k, _ in COMMON_KEYS)
+  lines += ["", "Most used keys (--config.KEY=VALUE):"]
+  lines += [f"  {k:<{width}}  {v}" for k, v in COMMON_KEYS]
+  if __name__ != "__main__":  # the console script: absl lists only __main__'s own flags
+    lines += ["", "Flags:", flags.FLAGS.module_help(sys.modules[__name__])]
+  return "\n".join(lines) + "\n"
 
 
 class _QuietCheckpointLibrary(pylogging.Filter):
@@ -50,24 +92,32 @@ def main(argv: list[str]) -> None:
   # Before anything starts a JAX backend.
   distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from wsss_jax.stages import registry  # pylint: disable=g-import-not-at-top
   from wsss_jax.stages import runner  # after flag parsing: keeps `--help` fast
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if overrides:
     logging.info("Config overrides: %s", overrides)
   from wsss_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
   # SIGTERM (pre-emption) stops at the next step/batch after saving; exit code 75 means
-  # "rerun the same command to continue" (wsss_jax/train/preemption.py).
+  # "rerun the same command to continue" (wsss_jax/runtime/preemption.py).
   preemption.install()
   try:
     runner.run_stages(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_CODE)
+  except registry.ConfigError as e:
+    # Every config/environment problem, or the outputs another config made: one message
+    # that names the keys, no traceback. Nothing was started or written.
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(1)
 
 
 def run() -> None:
   """Console-script entry point (`wsss`)."""
   flags.mark_flags_as_required(["config", "workdir"])
+  # absl's --help prints the __main__ module's docstring (the console script has none).
+  sys.modules["__main__"].__doc__ = usage()
   from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
   # A misspelt --config.KEY gives one line naming the flag, not an ml_collections trace.
   app.run(main, flags_parser=preflight.parse_flags_or_exit)

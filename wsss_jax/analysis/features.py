@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax import fs
+from wsss_jax.analysis import reader
 from wsss_jax import methods
 from wsss_jax.data import transforms
 from wsss_jax.ops import kmeans as km
 from wsss_jax.ops import memory
+from wsss_jax.ops.norms import l2_normalize
 from wsss_jax.stages import inference
-from wsss_jax.analysis import reader as reader
 
 Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -60,10 +61,6 @@ def model_outputs(w: reader.Workdir, stage: str = "train", scale: float = 1.0
 
   fn = jax.jit(forward)
   return lambda images: jax.device_get(fn(variables, transforms.normalize(images)))
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -107,7 +104,7 @@ def _seeded_kmeans(key: jax.Array, points: jax.Array, mask: jax.Array, *, k: int
   # One compiled program per (shape, k): the notebook calls this for every image.
   init = km.kmeans_plusplus_init(key, points, mask, k)
   if spherical:
-    init = init / jnp.maximum(jnp.linalg.norm(init, axis=-1, keepdims=True), 1e-12)
+    init = l2_normalize(init)
   return km.kmeans(points, mask, init, num_iters=num_iters, spherical=spherical)
 
 
@@ -127,7 +124,7 @@ def class_prototypes(features: np.ndarray, labels: np.ndarray, num_classes: int
   pts = l2_normalize(features.reshape(-1, d).astype(np.float32))
   lab = labels.reshape(-1).astype(np.int32)
   centers, counts = km.centers_from_assign(pts, lab < num_classes, lab, num_classes)
-  return {"prototypes": l2_normalize(np.asarray(centers)), "counts": np.asarray(counts)}
+  return {"prototypes": np.asarray(l2_normalize(centers)), "counts": np.asarray(counts)}
 
 
 def similarity_maps(features: np.ndarray, vectors: np.ndarray) -> np.ndarray:

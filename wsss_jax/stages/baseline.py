@@ -14,14 +14,10 @@ from typing import Any
 
 import ml_collections as mlc
 
-from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import sources
 from wsss_jax.stages import inference
-from wsss_jax.stages import train as train_stage
-from wsss_jax.stages import workdir as wd
-from wsss_jax.runtime import distributed
-from wsss_jax.runtime import mesh as mesh_lib
+from wsss_jax.stages import training
 
 STAGE_DIR = "baseline"
 
@@ -42,23 +38,11 @@ def variables_path(workdir: str) -> str:
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  if int(config.baseline.num_steps) <= 0:
-    raise ValueError(f"config.baseline.num_steps={config.baseline.num_steps}: the baseline "
-                     "stage needs a positive number of steps")
   meta = sources.prepare(config.data)
   cfg = baseline_config(config)
   out_dir = os.path.join(workdir, STAGE_DIR)
   method = methods.make_method(cfg, meta.num_classes)
-  path = train_stage.train_method(cfg, out_dir, method,
-                                  sources.get_source(cfg.data, cfg.data.train_split))
-  scores_path = os.path.join(out_dir, "classification.json")
-  if not fs.exists(scores_path):
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    mean_ap, aps = train_stage.classification_map(
-        cfg, train_stage.classification_logits_fn(method.model),
-        inference.load_variables(path), mesh)
-    if distributed.is_chief():
-      wd.write_json(scores_path, {"baseline_map": mean_ap, "baseline_ap_per_class": aps,
-                                  "baseline_steps": int(cfg.train.num_steps)})
-    distributed.barrier("baseline:classification")
-  return wd.read_json(scores_path)
+  path = training.train_method(cfg, out_dir, method,
+                               sources.get_source(cfg.data, cfg.data.train_split))
+  return training.classification_scores(cfg, out_dir, method, path, "baseline",
+                                        {"baseline_steps": int(cfg.train.num_steps)})
