@@ -92,8 +92,14 @@ def main(argv: list[str]) -> None:
   # Before anything starts a JAX backend.
   distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
   from wsss_jax.stages import registry  # pylint: disable=g-import-not-at-top
   from wsss_jax.stages import runner  # after flag parsing: keeps `--help` fast
+  try:
+    config = _CONFIG.value
+    config.keys()   # a lazily loaded config file loads here
+  except (ValueError, OSError) as e:  # a config file that does not exist or does not load
+    preflight.fatal(f"--config={flags.FLAGS['config'].config_filename}", e)
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if overrides:
     logging.info("Config overrides: %s", overrides)
@@ -102,7 +108,7 @@ def main(argv: list[str]) -> None:
   # "rerun the same command to continue" (wsss_jax/runtime/preemption.py).
   preemption.install()
   try:
-    runner.run_stages(_CONFIG.value, _WORKDIR.value)
+    runner.run_stages(config, _WORKDIR.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_CODE)

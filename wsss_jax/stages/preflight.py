@@ -35,7 +35,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections as mlc
 
@@ -239,6 +239,18 @@ def free_space_problems(workdir: str, min_free_mb: float | None = None) -> list[
   return []
 
 
+def fatal(where: str, error: BaseException | str) -> NoReturn:
+  """Exits with 1 after one line `FATAL: <where>: <what>`, as absl does for flag errors.
+
+  ml_collections reports what a config file raised (an unknown `:arg`, a file that does
+  not exist or does not load) with a traceback in the text: only its last line is kept.
+  """
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  reason = lines[-1] if lines else type(error).__name__
+  sys.stderr.write(f"FATAL: {where + ': ' if where else ''}{reason}\n")
+  sys.exit(1)
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl's flag parsing, with one line instead of a traceback for what the config file
   rejects: an override of a key the config lacks, an unknown `file.py:arg`, a config file
@@ -248,13 +260,16 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   mean "lr"?`); this names the command-line argument, the suggestion, and exits with 1
   as absl does for other flag errors.
   """
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    return app.parse_flags_with_usage(argv)
-  except (ValueError, OSError) as e:  # `get_config(arg)` rejected `arg`; no such file
+    return flags.FLAGS(argv)   # what absl's app.run does, with our messages on failure
+  except (flags.Error, ValueError, OSError) as e:
+    text = str(e)
+    flag, sep, rest = text.partition(": ")
+    if isinstance(e, flags.Error) and sep:   # "flag --config=...: <what went wrong>"
+      fatal(flag.removeprefix("flag "), rest)
     given = [a for a in argv[1:] if a.startswith("--config=")]
-    sys.stderr.write(f"FATAL: {given[0] if given else '--config'}: {e}\n")
-    sys.exit(1)
+    fatal(given[0] if given and not isinstance(e, flags.Error) else "", text)
   except (AttributeError, KeyError) as e:
     # The text is a (nested) repr: `'\'lrr\'\nDid you mean "lr" instead of "lrr"?'`.
     text = str(e)
