@@ -149,26 +149,6 @@ def settings_from_config(config: Any) -> FBRSettings:
   return FBRSettings(**{k: cast[types[k]](v) for k, v in raw.items()})
 
 
-def _local_rows(x: jax.Array, n_local: int, ctx: base.StepContext) -> jax.Array:
-  """This device's rows of a global-batch array (all rows under jit)."""
-  if ctx.axis_name is None:
-    return x
-  start = jax.lax.axis_index(ctx.axis_name) * n_local
-  return jax.lax.dynamic_slice_in_dim(x, start, n_local, axis=0)
-
-
-def _gather(x: Any, ctx: base.StepContext) -> Any:
-  """Global-batch copy of a detached per-device pytree, the same on every device.
-
-  `lax.all_gather` results are typed device-varying under `check_vma`; a `pmax` over
-  identical copies is exact and makes them invariant, as the replicated bank needs.
-  """
-  if ctx.axis_name is None:
-    return x
-  g = ctx.all_gather(x)
-  return jax.tree.map(lambda a: jax.lax.pmax(a, ctx.axis_name), g)
-
-
 def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extra: Any,
               key: jax.Array, ctx: base.StepContext) -> tuple[dict, dict, dict]:
   """The FBR losses of one step from the model outputs.
@@ -194,7 +174,8 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   z_bg = jax.lax.stop_gradient(out["proj_bg"]).reshape(b, hw, d)
 
   k_km, k_bank, k_uc, k_up = jax.random.split(key, 4)
-  g = _gather({"z": jax.lax.stop_gradient(z_fg), "m": m, "seeds": seeds, "z_bg": z_bg}, ctx)
+  g = ctx.all_gather_invariant({"z": jax.lax.stop_gradient(z_fg), "m": m, "seeds": seeds,
+                                "z_bg": z_bg})
   n_global = g["seeds"].shape[0]
   b_global = n_global // hw
   # NROIs of every image of the global batch. Each device clusters the whole gathered
@@ -236,8 +217,8 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   # Active sampling (Eq. 8) + L_IF (Eq. 9) against detached pixels of the global batch.
   probs = F.active_class_probs(p, c_ok, s.active_temperature)
   shape = (n_global, s.num_fg_negatives)
-  u_c = _local_rows(jax.random.uniform(k_uc, shape), n, ctx)
-  u_p = _local_rows(jax.random.uniform(k_up, shape), n, ctx)
+  u_c = ctx.local_rows(jax.random.uniform(k_uc, shape), n)
+  u_p = ctx.local_rows(jax.random.uniform(k_up, shape), n)
   idx, _, ok_if = F.sample_active_negatives(probs[qc], pool_cls, u_c, u_p)
   # One [n, n_global] similarity matrix instead of gathering [n, M, D] negatives (39 MB for
   # 16 MSRC crops of 14x14; 1 GB for 16 VOC crops of 32x32 under jit).

@@ -21,6 +21,7 @@ from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import crf as crf_ops
 from wsss_jax.ops import metrics
 from wsss_jax.ops import resize
+from wsss_jax.ops import sizes
 
 NORM_EPS = 1e-5  # IRN: cam / (max + 1e-5)
 
@@ -142,7 +143,7 @@ def multiscale_cams(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Arra
   strided_sum = None
   high_sum = None
   for scale in scales:
-    hs, ws = resize.scaled_size(h, scale), resize.scaled_size(w, scale)
+    hs, ws = sizes.scaled_size(h, scale), sizes.scaled_size(w, scale)
     x = images
     if (hs, ws) != (h, w):
       x = jax.image.resize(images.astype(jnp.float32), (b, hs, ws, images.shape[-1]),

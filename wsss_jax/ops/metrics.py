@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax.ops import IGNORE_INDEX  # re-exported: metrics.IGNORE_INDEX
-
 
 def _count_mask(gt, pred, num_classes: int, valid):
   keep = (gt >= 0) & (gt < num_classes) & (pred >= 0) & (pred < num_classes)

@@ -22,8 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax.ops.sizes import scaled_size  # noqa: F401  (re-exported for callers)
-
 
 def _as_size(size: Sequence[int]) -> tuple[int, int]:
   h, w = (int(s) for s in size)

@@ -141,7 +141,7 @@ class MetricWriter:
       else:
         dropped += 1
     if dropped:
-      with fs.atomic_path(self.path) as tmp, open(tmp, "w") as f:  # pylint: disable=unspecified-encoding
+      with fs.atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in kept))
       logging.info("%s: dropped %d records logged after step %d by an earlier run (it "
                    "resumes from step %d).", self.path, dropped, step, step)
