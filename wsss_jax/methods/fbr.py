@@ -285,12 +285,12 @@ def make_fbr_method(config: Any, num_classes: int, *,
     out, new_bs = ctx.apply(params, batch_stats, batch["image"], **kw)
     logits, labels = out["logits"], batch["labels"]
     l_cls = jnp.mean(losses.multilabel_soft_margin_loss(logits, labels))
-    losses, fbr_metrics, new_extra = fbr_terms(s, out, labels, extra,
-                                               jax.random.fold_in(seed_key, step), ctx)
-    value = (l_cls + s.lambda_fb * losses["fb"] + s.lambda_if * losses["if"]
-             + s.lambda_seg * losses["seg"] + s.lambda_sim * losses["sim"])
+    terms, fbr_metrics, new_extra = fbr_terms(s, out, labels, extra,
+                                              jax.random.fold_in(seed_key, step), ctx)
+    value = (l_cls + s.lambda_fb * terms["fb"] + s.lambda_if * terms["if"]
+             + s.lambda_seg * terms["seg"] + s.lambda_sim * terms["sim"])
     metrics = {**cam.cam_metrics(logits, labels), **fbr_metrics, "loss_cls": l_cls,
-               **{f"loss_{name}": v for name, v in losses.items()}}
+               **{f"loss_{name}": v for name, v in terms.items()}}
     return value, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=new_extra)
 
   def update_extra(extra, params, batch_stats, extra_aux, step, ctx):
