@@ -106,3 +106,26 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
                                           ("wsss_jax.fs", "fs"), ("wsss_jax", None)])
 def test_layer_of(module, layer):
   assert layer_of(module) == layer
+
+
+def test_stages_import_helpers_not_each_other():
+  # A stage orchestrates; what two stages share lives in a helper module of stages/ (or
+  # lower), so no stage is another's library.
+  from wsss_jax.stages import registry  # pylint: disable=import-outside-toplevel
+  stage_modules = {s.module for s in registry.STAGES}
+  problems = []
+  for path, module in modules():
+    if module in stage_modules:
+      problems += [f"{module}:{line} imports the stage {name}"
+                   for line, name in package_imports(path, module) if name in stage_modules]
+      problems += [f"{module}:{line} imports the stage {name}.{alias}"
+                   for line, name, alias in _from_imports(path)
+                   if f"{name}.{alias}" in stage_modules]
+  assert not problems, "\n".join(problems)
+
+
+def _from_imports(path: str) -> list[tuple[int, str, str]]:
+  """(line, module, name) of every `from module import name`."""
+  tree = ast.parse(open(path, encoding="utf-8").read(), path)
+  return [(node.lineno, node.module or "", a.name) for node in ast.walk(tree)
+          if isinstance(node, ast.ImportFrom) for a in node.names]

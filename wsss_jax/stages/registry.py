@@ -224,13 +224,14 @@ def _data_settings(config: Config) -> Settings:
   return out
 
 
-def _baseline_lr(config: Config) -> str:
-  return "baseline.lr" if float(get(config, "baseline.lr", 0.0) or 0.0) > 0 else "optim.lr"
+def _own_lr(config: Config, key: str) -> str:
+  """`key` when it is set (> 0), else `optim.lr`: the learning rate a stage trains with."""
+  return key if float(get(config, key, 0.0) or 0.0) > 0 else "optim.lr"
 
 
 def _baseline_settings(config: Config) -> Settings:
   return training_settings(config, "cam", steps="baseline.num_steps",
-                           lr=_baseline_lr(config), batch="data.batch_size")
+                           lr=_own_lr(config, "baseline.lr"), batch="data.batch_size")
 
 
 def _train_settings(config: Config) -> Settings:
@@ -265,11 +266,17 @@ def _cam_markers(config: Config) -> tuple[str, ...]:
   return tuple(f"cams/{s}/complete.json" for s in splits(config))
 
 
-def _cams_settings(config: Config) -> Settings:
-  out = _flat(config, "cams")
-  out["data.splits"] = splits(config)
-  out.update(_inference_settings(config))
-  return out
+def _per_image(block: str) -> Callable[[Config], Settings]:
+  """The settings of a stage that maps each image of the train and sweep splits: its
+  block, the splits and the inference batches' padded size."""
+
+  def settings(config: Config) -> Settings:
+    out = _flat(config, block)
+    out["data.splits"] = splits(config)
+    out.update(_inference_settings(config))
+    return out
+
+  return settings
 
 
 def _cams_choices() -> dict[str, tuple[Any, ...]]:
@@ -286,13 +293,6 @@ def _pseudo_needs(config: Config) -> tuple[Need, ...]:
   if _uses_sweep_threshold(config):
     needs.append(Need("sweep", "pseudo.fg_threshold<0 takes its best threshold"))
   return tuple(needs)
-
-
-def _pseudo_settings(config: Config) -> Settings:
-  out = _flat(config, "pseudo")
-  out["data.splits"] = splits(config)
-  out.update(_inference_settings(config))
-  return out
 
 
 def _pseudo_choices() -> dict[str, tuple[Any, ...]]:
@@ -315,12 +315,10 @@ def _spml_labels_needs(config: Config) -> tuple[Need, ...]:
 
 
 def _spml_labels_settings(config: Config) -> Settings:
-  out = _flat(config, "spml_labels")
+  out = _per_image("spml_labels")(config)
   out.update(_keys(config, "data.weak_label"))
-  out["data.splits"] = splits(config)
   if _weak_label(config) == "tags":
     out.update(_keys(config, "pseudo.fg_threshold"))
-  out.update(_inference_settings(config))
   return out
 
 
@@ -329,13 +327,11 @@ def _classifier_report(config: Config) -> Settings:
 
 
 def _spml_bootstrap_settings(config: Config) -> Settings:
-  lr = "spml_bootstrap.lr" if float(get(config, "spml_bootstrap.lr", 0.0)) > 0 else "optim.lr"
-  out = training_settings(config, "spml", steps="spml_bootstrap.steps", lr=lr,
+  out = training_settings(config, "spml", steps="spml_bootstrap.steps",
+                          lr=_own_lr(config, "spml_bootstrap.lr"),
                           batch="spml_bootstrap.batch_size")
-  out.update(_flat(config, "spml_bootstrap"))
-  out.update(_flat(config, "spml_labels"))
-  out["data.splits"] = splits(config)
-  out.update(_inference_settings(config))
+  out.update(_flat(config, "spml_labels"))   # the propagation of the rounds' labels
+  out.update(_per_image("spml_bootstrap")(config))
   return out
 
 
@@ -412,7 +408,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("cams", "wsss_jax.stages.cams",
           "multi-scale + flip CAMs of the train and sweep splits",
           needs=_cams_needs, makes=lambda c: ("cams/", _figure("cam_overlays")),
-          markers=_cam_markers, settings=_cams_settings, choices=_cams_choices,
+          markers=_cam_markers, settings=_per_image("cams"), choices=_cams_choices,
           default=True),
     Stage("sweep", "wsss_jax.stages.sweep",
           "background threshold sweep on data.sweep_split -> cam_miou, cam_threshold",
@@ -424,7 +420,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("pseudo", "wsss_jax.stages.pseudo",
           "pseudo-label PNGs (threshold, double or CRF) -> pseudo_miou",
           needs=_pseudo_needs, makes=lambda c: ("pseudo/", _figure("pseudo_gallery")),
-          markers=lambda c: ("pseudo/complete.json",), settings=_pseudo_settings,
+          markers=lambda c: ("pseudo/complete.json",), settings=_per_image("pseudo"),
           choices=_pseudo_choices, default=True),
     Stage("spml_labels", "wsss_jax.stages.spml_labels",
           "SPML: random walk + nearest-prototype labels from the trained embedding",
