@@ -67,6 +67,9 @@ def test_baseline_fingerprint_ignores_what_does_not_decide_its_weights(tmp_path)
           "data.val_split": "train", "data.sweep_split": "val", "data.num_workers": 2,
           "data.eval_batch_size": 4, "mesh.data": 2, "mesh.fsdp": 2, "cams.scales": (2.0,),
           "seg.lr": 0.5, "method": "fbr", "data.cache_dir": str(tmp_path)}
+  base.data.weak_label = "points"   # SPML's keys do not reach the baseline's records
+  base.data.extra_maps = ("superpixels",)
+  assert registry.fingerprint(base, "baseline") == fp
   for key, value in same.items():
     assert registry.fingerprint(tiny_config(**{key: value}), "baseline") == fp, key
   changes = {"seed": 1, "optim.lr": 0.5, "optim.name": "adamw", "model.backbone": "resnet50",

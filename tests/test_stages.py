@@ -151,7 +151,7 @@ def test_closing_table_names_splits_files_and_times_in_order(run):
   for row in ("train_map (val)", "cam_miou (train)", "pseudo_miou (train)",
               "seg_miou (val)"):
     assert any(line.startswith(row + " ") for line in lines), row
-  assert f"results  {run['workdir'] / 'results.json'}" in " ".join(run["stdout"].split())
+  assert f"results {run['workdir'] / 'results.json'}" in " ".join(run["stdout"].split())
   assert any(line.split()[-1] == str(run["workdir"] / "figures") + os.sep for line in lines)
   times = [line.split()[0] for line in lines if line.startswith("time[")]
   assert times == [f"time[{s}]" for s in ("data", "train", "cams", "sweep", "pseudo", "seg",

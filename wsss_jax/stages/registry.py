@@ -230,8 +230,13 @@ def _own_lr(config: Config, key: str) -> str:
 
 
 def _baseline_settings(config: Config) -> Settings:
-  return training_settings(config, "cam", steps="baseline.num_steps",
-                           lr=_own_lr(config, "baseline.lr"), batch="data.batch_size")
+  out = training_settings(config, "cam", steps="baseline.num_steps",
+                          lr=_own_lr(config, "baseline.lr"), batch="data.batch_size")
+  # The plain dataset records: a method's weak labels and extra maps (SPML's) do not reach
+  # it, so the baselines of all methods' configs can be shared.
+  for key in ("data.weak_label", "data.extra_maps"):
+    out.pop(key, None)
+  return out
 
 
 def _train_settings(config: Config) -> Settings:

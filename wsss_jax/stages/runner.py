@@ -56,6 +56,8 @@ def run_stages(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = fs.absolute(workdir)
   current = provenance.check(config, workdir, stages)
   enable_compilation_cache()
+  # Every process decides what to skip from the same disk state, before any is written.
+  distributed.barrier("stages:checked")
   chief = distributed.is_chief()
   fs.makedirs(workdir)
   # Every process prepares the dataset itself (no process waits in a collective through a
@@ -115,7 +117,7 @@ def _skip_or_resume(outputs: provenance.Outputs, workdir: str) -> tuple[bool, st
                                                                    outputs.identity.report))
       return True, f"outputs up to date (fingerprint {fp}); rescoring: {changed} changed"
     if outputs.stage.always_run:
-      return True, f"outputs up to date (fingerprint {fp}); it always runs, it is cheap"
+      return True, f"cheap, so it always runs; outputs up to date (fingerprint {fp})"
     return False, f"its outputs are up to date (fingerprint {fp})"
   if rec is not None:
     return True, f"resuming the partial outputs in {outputs.home} (fingerprint {fp})"
