@@ -47,10 +47,9 @@ COMMON_KEYS = (
     ("data.batch_size", "global train batch"),
     ("model.backbone", "efficientnet_lite0 | resnet50 | ..."),
     ("train.num_steps / optim.lr", "training schedule"),
-    ("cams.scales / pseudo.mode / seg.pseudo_source", "CAM scales, pseudo-label rule, "
-     "segmentation labels (pseudo | gt)"),
-    ("rerun", "'' (stop if outputs on disk came from other settings) | 'changed' "
-     "(delete and recompute them)"),
+    ("cams.scales / pseudo.mode", "CAM test-time scales; pseudo-label rule"),
+    ("seg.pseudo_source", "segmentation labels: pseudo | gt (upper bound)"),
+    ("rerun", "'' stops when outputs came from other settings; 'changed' remakes them"),
 )
 
 
