@@ -176,7 +176,8 @@ def _input_problems(config: mlc.ConfigDict, stages: list[str], workdir: str) -> 
   return problems
 
 
-def _setup_problems(config: mlc.ConfigDict) -> tuple[list[str], list[str]]:
+def _setup_problems(config: mlc.ConfigDict, scans: dict[str, Any]
+                    ) -> tuple[list[str], list[str]]:
   """(the listed stages, problems of the stage list, dataset, data root and `rerun`).
 
   The dataset is scanned here (a listing, nothing is built), so a root that is not in the
@@ -206,7 +207,7 @@ def _setup_problems(config: mlc.ConfigDict) -> tuple[list[str], list[str]]:
     problems.append(f"config.data.root={d.root!r} is not a directory")
   elif on_bad in ("error", "skip"):
     try:
-      sources.dataset_identity(d)
+      registry.identities(config, scans)("data")   # scans the root, builds nothing
     except ValueError as e:  # BadInputError: the layout; ValueError: a split
       problems.append(f"config.data.root={d.root!r}: {e}" if d.name != "synthetic"
                       else f"config.data: {e}")
@@ -290,11 +291,12 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 def check(config: mlc.ConfigDict, workdir: str) -> list[str]:
   """Returns the listed stages; raises `ConfigError` listing every problem found."""
   workdir = fs.absolute(workdir)
-  stages, problems = _setup_problems(config)
+  scans: dict[str, Any] = {}   # the dataset is scanned once
+  stages, problems = _setup_problems(config, scans)
   problems += _enum_problems(config, stages) + _count_problems(config, stages)
   if not problems:
     try:  # the stages' inputs form no cycle (and the settings can be read)
-      identity = registry.identities(config)
+      identity = registry.identities(config, scans)
       for name in stages:
         identity(name)
     except ValueError as e:

@@ -118,7 +118,8 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, An
   return out
 
 
-def _legacy_identity(workdir: str, name: str) -> tuple[registry.Identity | None, str]:
+def _legacy_identity(workdir: str, name: str, scans: dict[str, Any]
+                     ) -> tuple[registry.Identity | None, str]:
   """The identity the outputs of a work directory without records were made with: that of
   its `config.json` (written at the start of the run that made them)."""
   path = os.path.join(workdir, CONFIG_FILE)
@@ -126,7 +127,7 @@ def _legacy_identity(workdir: str, name: str) -> tuple[registry.Identity | None,
     return None, "no fingerprint record and no config.json"
   try:
     old = mlc.ConfigDict(wd.read_json(path))
-    return registry.identities(old)(name), ""
+    return registry.identities(old, scans)(name), ""
   except Exception as e:  # pylint: disable=broad-except  (an old root gone, a key missing)
     return None, f"no fingerprint record, and its config.json cannot say ({e})"
 
@@ -134,9 +135,14 @@ def _legacy_identity(workdir: str, name: str) -> tuple[registry.Identity | None,
 def plan(config: mlc.ConfigDict, workdir: str) -> Plan:
   """Compares every stage's outputs in `workdir` with what `config` would make."""
   outputs, stale = [], []
+  scans: dict[str, Any] = {}      # each data block scanned once
+  judged: dict[str, Any] = {}     # one memo per variant config
   for stage in registry.STAGES:
     for variant in stage.variants(config):
-      identity = registry.identities(variant)(stage.name)
+      key = registry.digest(variant.to_dict())
+      if key not in judged:
+        judged[key] = registry.identities(variant, scans)
+      identity = judged[key](stage.name)
       home = stage.makes(variant)[0]
       rec = read_record(workdir, stage, variant)
       out = Outputs(stage, variant, home, identity, rec, variant is config)
@@ -144,7 +150,7 @@ def plan(config: mlc.ConfigDict, workdir: str) -> Plan:
       if rec is None:
         if not fs.exists(os.path.join(workdir, home.rstrip("/"))):
           continue
-        old, why = _legacy_identity(workdir, stage.name)
+        old, why = _legacy_identity(workdir, stage.name, scans)
         if old is not None and old.fingerprint == identity.fingerprint:
           continue   # adopted: its record is written when the stage next runs
         if old is None:

@@ -506,10 +506,25 @@ class Identity:
   report: Settings
 
 
-def identities(config: Config) -> Callable[[str], Identity]:
-  """A memoised `name -> Identity` for `config` (each stage's settings read once)."""
+def identities(config: Config, scans: dict[str, Settings] | None = None
+               ) -> Callable[[str], Identity]:
+  """A memoised `name -> Identity` for `config` (each stage's settings read once).
+
+  `scans`: a dict shared by the callers that judge one work directory (a config, its
+  variants, the config a directory was made with), so each `config.data` block is scanned
+  once (a COCO root is 120k files).
+  """
   memo: dict[str, Identity] = {}
   visiting: list[str] = []
+  scans = {} if scans is None else scans
+
+  def settings_of(s: Stage) -> Settings:
+    if s.name != "data":
+      return s.settings(config)
+    key = digest(_plain(get(config, "data", {})))
+    if key not in scans:
+      scans[key] = s.settings(config)
+    return scans[key]
 
   def identity(name: str) -> Identity:
     if name in memo:
@@ -519,7 +534,7 @@ def identities(config: Config) -> Callable[[str], Identity]:
                        + " -> ".join(visiting[visiting.index(name):] + [name]))
     visiting.append(name)
     s = stage(name)
-    settings = s.settings(config)
+    settings = settings_of(s)
     inputs = {n.stage: identity(n.stage).fingerprint for n in s.needs(config)}
     visiting.pop()
     fp = digest({"schema": SCHEMA, "stage": name, "settings": settings, "inputs": inputs})
