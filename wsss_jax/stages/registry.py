@@ -45,8 +45,11 @@ FINGERPRINT_FILE = "fingerprint.json"
 class ConfigError(ValueError):
   """The config cannot run as given; the message names every problem and its key."""
 
-# Keys that never decide outputs: where files go, how often to log or checkpoint, how many
-# loader workers, how the batch is laid over devices.
+
+# Keys of `data` and `train` outside a training stage's own settings: the dataset (its
+# identity is the `data` stage's fingerprint, an input of every stage), what only
+# inference or scoring reads, the schedule (recorded under the stage's own key), and what
+# decides nothing: where files go, how often to log or checkpoint, loader workers.
 _NOT_TRAINING = {
     "data": ("name", "root", "cache_dir", "synthetic", "on_bad_input", "class_names",
              "sweep_split", "val_split", "eval_batch_size", "eval_pad_size", "num_workers",
