@@ -61,6 +61,7 @@ def main() -> None:
   from wsss_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
   from wsss_jax.methods.cam import make_cam_method  # pylint: disable=import-outside-toplevel
   from wsss_jax.stages import runner  # pylint: disable=import-outside-toplevel
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from wsss_jax.train import loop  # pylint: disable=import-outside-toplevel
 
   # TinyCAM behind the ordinary method registry, so every stage uses it.

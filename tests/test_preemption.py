@@ -251,6 +251,7 @@ def test_training_loop_saves_and_resumes_exactly(tmp_path):
   from tiny_model import (  # pylint: disable=import-outside-toplevel
       TinyCAM, grain_train_iter, make_records)
   from wsss_jax.methods.cam import make_cam_method  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from wsss_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   old = jax.config.read("jax_disable_most_optimizations")

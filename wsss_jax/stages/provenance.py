@@ -189,10 +189,21 @@ def stale_message(workdir: str, stale: list[Stale]) -> str:
     why = (s.unknown if s.unknown else
            "settings changed" if s.changed else
            f"made from other {', '.join(s.inputs)} outputs")
-    lines.append(f"  {s.outputs.name}: {os.path.join(workdir, s.outputs.home)} ({why})")
-  lines.append("Recompute them with --config.rerun=changed (deletes those outputs first, "
-               "then the listed stages remake them), or use a new --workdir.")
+    home = os.path.join(workdir, s.outputs.home)
+    lines.append(f"  {s.outputs.name}: {home} ({why})")
+    if s.outputs.home.endswith("/") and fs.isdir(home):
+      lines.append(f"      holding {_listing(home)}")
+  lines.append("Delete them and recompute with --config.rerun=changed (it deletes exactly "
+               "these outputs, then the listed stages remake theirs), or use a new "
+               "--workdir.")
   return "\n".join(lines)
+
+
+def _listing(folder: str, most: int = 8) -> str:
+  """What a folder holds (its record left out), for the user deciding to delete it."""
+  names = sorted(n for n in fs.listdir(folder) if n != registry.FINGERPRINT_FILE)
+  more = f" and {len(names) - most} more" if len(names) > most else ""
+  return (", ".join(names[:most]) + more) if names else "nothing"
 
 
 def needs_problems(config: mlc.ConfigDict, stages: list[str], stale: list[Stale]
