@@ -262,7 +262,9 @@ def results(config: mlc.ConfigDict, workdir: str, header: dict[str, Any]) -> dic
   timings: dict[str, float] = {}
   fingerprints: dict[str, str] = {}
   for stage in registry.STAGES:
-    for variant in stage.variants(config):
+    # The other variants first: where both set a key (`seg_pseudo_source`), the config's
+    # own outputs have the last word.
+    for variant in reversed(stage.variants(config)):
       rec = read_record(workdir, stage, variant)
       if rec is None or rec.get("status") != "done":
         continue
