@@ -183,14 +183,17 @@ def test_rerun_changed_refuses_to_delete_an_input_it_would_not_remake(tmp_path):
 def test_outputs_without_records_are_judged_by_config_json(tmp_path):
   w = tmp_path
   (w / "train").mkdir()
-  # No record and no config.json: of unknown origin, so never silently reused.
-  with pytest.raises(provenance.StaleWorkdirError, match="no fingerprint record"):
-    provenance.check(tiny_config(), str(w), ["train"])
+  # No record and no config.json: made outside the runner; nothing says otherwise.
+  assert not provenance.check(tiny_config(), str(w), ["train"]).stale
   with open(w / "config.json", "w") as f:
     json.dump(tiny_config().to_dict(), f)
   assert not provenance.check(tiny_config(), str(w), ["train"]).stale  # adopted
   with pytest.raises(provenance.StaleWorkdirError, match=r"seed +0 -> 3"):
     provenance.check(tiny_config(**{"seed": 3}), str(w), ["train"])
+  with open(w / "config.json", "w") as f:   # a config.json that cannot say: never reused
+    json.dump({"data": {"name": "voc", "root": str(w / "gone")}}, f)
+  with pytest.raises(provenance.StaleWorkdirError, match="its config.json cannot say"):
+    provenance.check(tiny_config(), str(w), ["train"])
 
 
 def test_both_seg_variants_are_checked(tmp_path):

@@ -14,7 +14,8 @@ Each stage writes a record beside its outputs (`Stage.record`, e.g. `train/finge
 - a record whose fingerprint differs is stale: its outputs came from other settings (the
   keys are named by diffing the recorded settings) or from other inputs;
 - outputs without a record (a work directory from before fingerprints) are judged by the
-  `config.json` that was written with them, or are of unknown origin;
+  `config.json` that was written with them; with no config.json either (made outside the
+  runner, e.g. by `train.loop` directly) they are taken as this config's, with a warning;
 - `config.rerun=''` (default) stops with one message naming every changed key (old -> new),
   the outputs it invalidates and the two ways out; `config.rerun='changed'` deletes the
   stale outputs (the stages downstream of a change are stale too: their fingerprints cover
@@ -124,7 +125,7 @@ def _legacy_identity(workdir: str, name: str, scans: dict[str, Any]
   its `config.json` (written at the start of the run that made them)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not fs.exists(path):
-    return None, "no fingerprint record and no config.json"
+    return None, ""   # made outside the runner (e.g. loop.train): nothing says otherwise
   try:
     old = mlc.ConfigDict(wd.read_json(path))
     return registry.identities(old, scans)(name), ""
@@ -151,6 +152,11 @@ def plan(config: mlc.ConfigDict, workdir: str) -> Plan:
         if not fs.exists(os.path.join(workdir, home.rstrip("/"))):
           continue
         old, why = _legacy_identity(workdir, stage.name, scans)
+        if old is None and not why:
+          logging.warning("%s: outputs without a fingerprint record or a config.json "
+                          "(made outside the runner); taken as this config's.",
+                          os.path.join(workdir, home))
+          continue
         if old is not None and old.fingerprint == identity.fingerprint:
           continue   # adopted: its record is written when the stage next runs
         if old is None:
