@@ -122,8 +122,8 @@ def _skip_or_resume(outputs: provenance.Outputs, workdir: str) -> tuple[bool, st
   if rec is not None:
     return True, f"resuming the partial outputs in {outputs.home} (fingerprint {fp})"
   if fs.exists(os.path.join(workdir, outputs.home.rstrip("/"))):
-    return True, (f"resuming {outputs.home}, made before fingerprints with the same "
-                  "settings (config.json)")
+    return True, (f"resuming {outputs.home}: outputs without a fingerprint record, "
+                  "adopted (see the check above)")
   return True, ""
 
 
