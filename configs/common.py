@@ -19,9 +19,10 @@ import ml_collections as mlc
 
 from wsss_jax.data import sources
 from wsss_jax.data import voc_builder
+from wsss_jax.stages import registry
 
-# Stages in pipeline order; `config.stages` lists a subset in this order.
-ALL_STAGES = ("data", "train", "cams", "sweep", "pseudo", "seg", "evaluate")
+# The default pipeline, from the one list of stages (wsss_jax/stages/registry.py).
+ALL_STAGES = registry.DEFAULT_STAGES
 
 # The package owns these; configs re-export them for config files.
 VOC_CLASSES = voc_builder.VOC_CLASSES
@@ -135,6 +136,9 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
   c.method = method
   c.seed = 0
   c.stages = ",".join(ALL_STAGES)
+  # Outputs in the work directory made with other settings: '' stops before any work and
+  # names the changed keys; 'changed' deletes them and what depends on them, then reruns.
+  c.rerun = ""
   c.data = data_config(dataset, runlocal)
   c.mesh = mesh_config()
   c.optim = optim_config(runlocal)

@@ -30,12 +30,12 @@ from IPython.display import Markdown, display
 import numpy as np
 
 from wsss_jax import viz
-from wsss_jax.stages import inspect
+from wsss_jax.analysis import reader
 
 WORKDIR = os.environ.get("WSSS_WORKDIR", "../runs/synthetic_cam")
 NUM_IMAGES = int(os.environ.get("WSSS_NUM_IMAGES", "4"))  # images per gallery
 
-w = inspect.open_workdir(WORKDIR)
+w = reader.open_workdir(WORKDIR)
 split = w.sweep_split  # where CAMs are scored (sweep.json, cam_miou)
 print(f"{w.path}: method={w.config.method}, dataset={w.config.data.name}, "
       f"backbone={w.config.model.backbone}, {w.num_classes} classes, "
@@ -49,7 +49,7 @@ print(f"{w.path}: method={w.config.method}, dataset={w.config.data.name}, "
 # the segmentation model trained on those (val split). A dash means the stage has not run.
 
 # %%
-display(Markdown(inspect.markdown(inspect.headline_table([w]))))
+display(Markdown(reader.markdown(reader.headline_table([w]))))
 timings = w.results.get("timings", {})
 display(Markdown("Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())))
 
@@ -98,7 +98,7 @@ display(cam_rows(range(min(NUM_IMAGES, len(w.source(split))))))
 # from the split.
 
 # %%
-series = {stage: w.results[key] for stage, key in inspect.PER_CLASS_KEYS.items()
+series = {stage: w.results[key] for stage, key in reader.PER_CLASS_KEYS.items()
           if key in w.results}
 if series:
   display(viz.per_class_bars(w.class_names, series))
@@ -114,8 +114,8 @@ else:
 # `pseudo` stage has run (cream = unsure, 255).
 
 # %%
-scores = inspect.per_image_scores(w, split, "cam")
-display(Markdown(inspect.markdown(
+scores = reader.per_image_scores(w, split, "cam")
+display(Markdown(reader.markdown(
     [{**s, "classes": ", ".join(s["classes"])} for s in scores[:NUM_IMAGES]])))
 median = np.median([s["miou"] for s in scores])
 print(f"per-image mIoU over {len(scores)} images: median {median:.3f}")

@@ -30,7 +30,7 @@ import numpy as np
 
 from wsss_jax import viz
 from wsss_jax.ops import metrics
-from wsss_jax.stages import inspect
+from wsss_jax.analysis import reader
 
 WORKDIR = os.environ.get("WSSS_WORKDIR", "../runs/synthetic_cam")
 WORKDIRS = [p for p in os.environ.get("WSSS_WORKDIRS", WORKDIR).split(",") if p]
@@ -38,7 +38,7 @@ NUM_IMAGES = int(os.environ.get("WSSS_NUM_IMAGES", "4"))
 # The CRF comparison recomputes pseudo-labels on the fly; a few images are enough.
 NUM_CRF_IMAGES = int(os.environ.get("WSSS_NUM_CRF_IMAGES", "3"))
 
-w = inspect.open_workdir(WORKDIR)
+w = reader.open_workdir(WORKDIR)
 split = w.sweep_split  # pseudo_miou is scored here
 settings = w.json("pseudo", "settings.json")
 print(f"{w.path}: method={w.config.method}; pseudo-label settings: {settings}")
@@ -53,7 +53,7 @@ print(f"{w.path}: method={w.config.method}; pseudo-label settings: {settings}")
 
 # %%
 r = w.results
-display(Markdown(inspect.markdown([{k: r.get(k) for k in (
+display(Markdown(reader.markdown([{k: r.get(k) for k in (
     "cam_miou", "pseudo_threshold", "pseudo_miou", "pseudo_miou_labelled",
     "pseudo_labelled_fraction")}])))
 
@@ -83,8 +83,8 @@ display(gallery(range(min(NUM_IMAGES, len(w.source(split))))))
 # Images ranked by their own pseudo-label mIoU (unsure as background), worst first.
 
 # %%
-scores = inspect.per_image_scores(w, split, "pseudo")
-display(Markdown(inspect.markdown(
+scores = reader.per_image_scores(w, split, "pseudo")
+display(Markdown(reader.markdown(
     [{**s, "classes": ", ".join(s["classes"])} for s in scores[:NUM_IMAGES]])))
 display(gallery([s["index"] for s in scores[:NUM_IMAGES]],
                 [s["miou"] for s in scores[:NUM_IMAGES]]))
@@ -100,7 +100,7 @@ display(gallery([s["index"] for s in scores[:NUM_IMAGES]],
 # segmentation model's confusion on the val split follows when `evaluate` has run.
 
 # %%
-conf = inspect.pseudo_confusion(w, split)
+conf = reader.pseudo_confusion(w, split)
 _, miou = metrics.iou_from_confusion_np(conf)
 display(viz.confusion_heatmap(conf, w.class_names,
                               title=f"pseudo-labels vs ground truth ({split}), mIoU {miou:.3f}"))
@@ -121,7 +121,7 @@ if ev is not None:
 
 # %%
 n_crf = min(NUM_CRF_IMAGES, len(w.source(split)))
-modes = inspect.pseudo_label_modes(w, split, range(n_crf))
+modes = reader.pseudo_label_modes(w, split, range(n_crf))
 recs = [w.record(split, i) for i in range(n_crf)]
 display(viz.label_gallery([r["image"] for r in recs],
                           {"ground truth": [r["mask"] for r in recs], **modes},
@@ -135,7 +135,7 @@ for mode, labels in modes.items():
     c += metrics.confusion_matrix_np(rec["mask"], np.where(lab == 255, 0, lab), w.num_classes)
   rows.append({"mode": mode, "miou": float(metrics.iou_from_confusion_np(c)[1]),
                "unsure_fraction": unsure / sum(r["mask"].size for r in recs)})
-display(Markdown(inspect.markdown(rows)))
+display(Markdown(reader.markdown(rows)))
 
 # %% [markdown]
 # ## Comparison across work directories
@@ -145,8 +145,8 @@ display(Markdown(inspect.markdown(rows)))
 # are better summarised with `python -m wsss_jax.compare` (mean ± std).
 
 # %%
-runs = [inspect.open_workdir(p) for p in WORKDIRS]
-display(Markdown(inspect.markdown(inspect.headline_table(runs))))
+runs = [reader.open_workdir(p) for p in WORKDIRS]
+display(Markdown(reader.markdown(reader.headline_table(runs))))
 # Runs may share a directory name (e.g. seed0 of two methods): label them by parent/name.
 labels = [os.path.join(os.path.basename(os.path.dirname(r.path)), r.name) for r in runs]
 labels = [f"{lab} #{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]

@@ -33,8 +33,8 @@ import jax
 import numpy as np
 
 from wsss_jax import viz
-from wsss_jax.stages import inspect
-from wsss_jax.stages import inspect_features as feats
+from wsss_jax.analysis import reader
+from wsss_jax.analysis import features as feats
 
 WORKDIR = os.environ.get("WSSS_WORKDIR", "../runs/synthetic_cam")
 IMAGE_INDICES = [int(i) for i in os.environ.get("WSSS_IMAGES", "0,1").split(",")]
@@ -51,7 +51,7 @@ FEATURE_KEY = os.environ.get("WSSS_FEATURE_KEY", "features")
 # separable the classes are in feature space.
 PROTOTYPE_LABELS = os.environ.get("WSSS_PROTOTYPE_LABELS", "pseudo")
 
-w = inspect.open_workdir(WORKDIR)
+w = reader.open_workdir(WORKDIR)
 split = w.train_split
 extract = feats.model_outputs(w, scale=FEATURE_SCALE)  # the `train` stage model
 recs = [w.record(split, i) for i in IMAGE_INDICES if i < len(w.source(split))]
@@ -150,7 +150,7 @@ for r, o, seg in zip(recs, outs, nrois):
     rows.append({"image": r["id"], "class": w.class_names[c], "pixels": int(p["counts"][c]),
                  "max cos to an NROI": float(cos.max()) if valid.any() else None})
 display(viz.image_grid(panels, row_titles=[r["id"] for r in recs]))
-display(Markdown(inspect.markdown(rows)))
+display(Markdown(reader.markdown(rows)))
 
 # %% [markdown]
 # ## A memory bank over training: replay
@@ -202,10 +202,10 @@ if extra is None:
 elif not jax.tree.leaves(extra):
   print(f"the {w.config.method!r} method keeps no extra state")
 else:
-  display(Markdown(inspect.markdown([
+  display(Markdown(reader.markdown([
       {"leaf": jax.tree_util.keystr(path), "shape": str(np.shape(x)),
        "dtype": str(np.asarray(x).dtype)}
       for path, x in jax.tree_util.tree_leaves_with_path(extra)][:40])))
   banks = feats.bank_summaries(extra)
   if banks:  # the run's own memory banks at the last checkpoint
-    display(Markdown(inspect.markdown(banks)))
+    display(Markdown(reader.markdown(banks)))

@@ -33,11 +33,11 @@ import os
 from IPython.display import Markdown, display
 
 from wsss_jax import viz
-from wsss_jax.stages import inspect
+from wsss_jax.analysis import reader
 
 BENCH = [p for p in os.environ.get("WSSS_BENCH", "../runs/bench.jsonl").split(",") if p]
 
-records = inspect.read_bench(BENCH)
+records = reader.read_bench(BENCH)
 steps = [r for r in records if "kernel" not in r]
 kernels = [r for r in records if "kernel" in r]
 print(f"{len(steps)} step measurements, {len(kernels)} kernel measurements from {BENCH}")
@@ -54,7 +54,7 @@ print(f"{len(steps)} step measurements, {len(kernels)} kernel measurements from 
 # %%
 COLUMNS = ("kind", "method", "backbone", "batch", "crop", "dtype", "devices", "device_kind",
            "time_median_s", "time_p10_s", "time_p90_s", "img/s/device", "mfu", "compile_s")
-display(Markdown(inspect.markdown([{c: r.get(c) for c in COLUMNS} for r in steps])))
+display(Markdown(reader.markdown([{c: r.get(c) for c in COLUMNS} for r in steps])))
 
 # %% [markdown]
 # ## img/s/device and MFU against the batch size
@@ -88,6 +88,6 @@ for key, rs in groups.items():
     rows.append({"setting": " ".join(str(v) for v in key if v is not None), "batch": r["batch"],
                  "img/s/device": r["img/s/device"],
                  "vs smallest batch": r["img/s/device"] / rs[0]["img/s/device"]})
-display(Markdown(inspect.markdown(rows)))
+display(Markdown(reader.markdown(rows)))
 if kernels:
-  display(Markdown("### Kernel micro-benchmarks\n\n" + inspect.markdown(kernels)))
+  display(Markdown("### Kernel micro-benchmarks\n\n" + reader.markdown(kernels)))

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_model import TinyCAM, tiny_config  # noqa: E402
 
-from wsss_jax.train import distributed  # noqa: E402
+from wsss_jax.runtime import distributed  # noqa: E402
 
 
 def worker_config(cache_dir: str):
@@ -61,7 +61,8 @@ def main() -> None:
   from wsss_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
   from wsss_jax.methods.cam import make_cam_method  # pylint: disable=import-outside-toplevel
   from wsss_jax.stages import runner  # pylint: disable=import-outside-toplevel
-  from wsss_jax.train import loop, mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.train import loop  # pylint: disable=import-outside-toplevel
 
   # TinyCAM behind the ordinary method registry, so every stage uses it.
   methods.FACTORIES["tiny_cam"] = lambda cfg, n: make_cam_method(cfg, n,

@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 
 from tiny_model import TinyCAM, grain_train_iter, make_records, tiny_config  # noqa: E402
 from wsss_jax.methods.cam import make_cam_method  # noqa: E402
-from wsss_jax.train import loop, mesh as mesh_lib, optim  # noqa: E402
+from wsss_jax.runtime import mesh as mesh_lib  # noqa: E402
+from wsss_jax.train import loop, optim  # noqa: E402
 
 
 def resume_config(num_steps: int):

@@ -7,7 +7,8 @@ import pytest
 from tiny_model import TinyCAM, make_batches, tiny_config
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods import base
-from wsss_jax.methods.cam import cam_metrics, make_cam_method, multilabel_soft_margin_loss
+from wsss_jax.methods.cam import cam_metrics, make_cam_method
+from wsss_jax.ops.losses import multilabel_soft_margin_loss
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

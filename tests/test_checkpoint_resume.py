@@ -16,7 +16,7 @@ from wsss_jax.methods.base import Method
 from wsss_jax.methods.cam import make_cam_method
 from wsss_jax.train import checkpoint as ckpt_lib
 from wsss_jax.train import loop
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import nan_guard
 from wsss_jax.train import state as state_lib
 
@@ -200,3 +200,39 @@ def test_tensorboard_scalars_match_jsonl(tmp_path):
   assert sorted(tb) == [2, 4]
   for step, value in tb.items():
     assert value == pytest.approx(jsonl[step], rel=1e-6)
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+  # A run is killed after step 4 was logged but before its checkpoint counted: the rerun
+  # resumes from checkpoint 2 and logs steps 3 and 4 again. metrics.jsonl must then hold
+  # each step once, with the resumed run's values (equal to an uninterrupted run's).
+  cfg = tiny_config(**{"train.num_steps": 4, "train.log_every": 1, "train.ckpt_every": 2,
+                       "train.eval_every": 2, "train.keep_checkpoints": 5})
+  records = make_records()
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+
+  def train(workdir):
+    method = make_cam_method(cfg, 5, model=TinyCAM(4))
+    loop.train(method, cfg, str(workdir), lambda: grain_train_iter(records), mesh,
+               eval_fn=lambda state, step: {"score": float(step)})
+
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train(straight)
+  train(resumed)
+  for name in os.listdir(resumed / "checkpoints"):  # the kill: checkpoint 4 never counted
+    if name == "4":
+      import shutil  # pylint: disable=import-outside-toplevel
+      shutil.rmtree(resumed / "checkpoints" / name)
+  with open(resumed / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "loss": 0.1')            # and a line cut off by the kill
+  train(resumed)
+
+  recs = _jsonl(resumed / "metrics.jsonl")
+  losses = [r["step"] for r in recs if "loss" in r]
+  assert losses == [1, 2, 3, 4]                   # each step once, in order
+  assert [r["step"] for r in recs if "eval/score" in r] == [2, 4]
+  assert [r["step"] for r in recs if "num_params" in r] == [0, 2]  # one header per start
+  want = {r["step"]: r["loss"] for r in _jsonl(straight / "metrics.jsonl") if "loss" in r}
+  got = {r["step"]: r["loss"] for r in recs if "loss" in r}
+  for step in (1, 2, 3, 4):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-6)

@@ -138,3 +138,33 @@ def test_results_record_the_git_revision():
   rev = runner.git_revision()
   assert rev == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", rev), rev
   assert runner.software_versions()["git"] == rev
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "wsss_jax.main", *args],
+                        capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_unknown_config_arg_or_file_is_one_line(tmp_path):
+  cam = os.path.join(REPO_ROOT, "configs", "synthetic", "cam.py")
+  for config, phrase in ((f"{cam}:runlocal,bogus=1", "Unknown config argument 'bogus'"),
+                         (cam.replace("cam.py", "nope.py"), "No such file or directory")):
+    proc = _cli(f"--config={config}", f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode == 1
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert len(fatal) == 1 and phrase in fatal[0] and f"--config={config}" in fatal[0], (
+        proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_help_lists_stages_configs_and_keys():
+  from wsss_jax.stages import registry  # pylint: disable=import-outside-toplevel
+  proc = _cli("--help")   # absl exits with 1 after printing the help
+  for stage in registry.STAGES:
+    assert f"  {stage.name}  " in proc.stdout and stage.summary in proc.stdout, stage.name
+  assert "configs/voc/: cam.py csrm.py" in proc.stdout
+  for key in ("stages", "data.root", "model.backbone", "rerun"):
+    assert key in proc.stdout.split("Most used keys")[1], key
+  assert "--workdir" in proc.stdout

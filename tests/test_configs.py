@@ -39,8 +39,8 @@ def test_config_builds_with_contract_keys(path, variant):
   config = _load(path + variant)
   for key in CONTRACT_KEYS:
     _get(config, key)  # KeyError if a contract key is missing
-  from wsss_jax.stages import runner
-  runner.parse_stages(config.stages)
+  from wsss_jax.stages import registry
+  registry.parse_stages(config.stages)
 
 
 def test_configs_exist_for_each_dataset():
@@ -70,9 +70,9 @@ def test_override_reaches_config_and_typo_fails():
 
 
 def test_unknown_stage_is_rejected():
-  from wsss_jax.stages import runner
+  from wsss_jax.stages import registry
   with pytest.raises(ValueError, match="trian"):
-    runner.parse_stages("data,trian")
+    registry.parse_stages("data,trian")
 
 
 def test_cli_rejects_misspelt_override(tmp_path):

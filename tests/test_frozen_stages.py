@@ -13,7 +13,7 @@ import pytest
 
 from wsss_jax import models
 from wsss_jax.methods.cam import make_cam_method
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import optim
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib

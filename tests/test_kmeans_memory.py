@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import kmeans as km
 from wsss_jax.ops import memory
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 
 def numpy_lloyd(x, mask, centers, iters, spherical=False):

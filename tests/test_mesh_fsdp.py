@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from tiny_model import TinyCAM, fast_compile, make_batches, max_abs_diff, tiny_config  # noqa: F401
 from wsss_jax.methods.cam import make_cam_method
 from wsss_jax.train import checkpoint as ckpt_lib
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib
 

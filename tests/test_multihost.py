@@ -18,7 +18,7 @@ from flax import traverse_util
 import numpy as np
 import pytest
 
-from wsss_jax.train import distributed
+from wsss_jax.runtime import distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multihost_worker.py")

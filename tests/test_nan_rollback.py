@@ -12,7 +12,7 @@ from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods.base import Method
 from wsss_jax.methods.cam import make_cam_method
 from wsss_jax.train import loop
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import nan_guard
 from wsss_jax.train import rollback
 

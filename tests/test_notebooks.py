@@ -164,20 +164,20 @@ def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_bench_jsonl_reader_skips_table_lines(tmp_path):
-  from wsss_jax.stages import inspect
+  from wsss_jax.analysis import reader
   path = tmp_path / "out.txt"
   path.write_text(json.dumps({"batch": 1}) + "\n  kind  batch\n{\"cut\n" +
                   json.dumps({"batch": 2}) + "\n")
-  assert [r["batch"] for r in inspect.read_bench([str(path)])] == [1, 2]
+  assert [r["batch"] for r in reader.read_bench([str(path)])] == [1, 2]
 
 
 def test_image_miou_and_label_resize():
-  from wsss_jax.stages import inspect
-  from wsss_jax.stages import inspect_features as feats
+  from wsss_jax.analysis import reader
+  from wsss_jax.analysis import features as feats
   gt = np.array([[0, 0, 1, 1], [0, 0, 1, 255]])
   pred = np.array([[0, 0, 1, 0], [0, 255, 1, 1]])  # 255 in a prediction is background
   # bg: tp 4, fp 1, fn 0 -> 4/5; class 1: tp 2, fn 1 -> 2/3 (the ignore pixel not counted).
-  assert inspect.image_miou(gt, pred, 3) == pytest.approx((4 / 5 + 2 / 3) / 2)
+  assert reader.image_miou(gt, pred, 3) == pytest.approx((4 / 5 + 2 / 3) / 2)
   # Nearest pixel centres: output (0, j) samples input (1, 2j + 1).
   assert feats.resize_labels(gt, (1, 2)).tolist() == [[0, 255]]
   assert feats.resize_labels(np.array([[3]]), (2, 2)).tolist() == [[3, 3], [3, 3]]
@@ -186,7 +186,7 @@ def test_image_miou_and_label_resize():
 def test_bank_statistics_and_summaries():
   import jax.numpy as jnp
   from wsss_jax.ops import memory
-  from wsss_jax.stages import inspect_features as feats
+  from wsss_jax.analysis import features as feats
   bank = memory.fifo_init(4, {"feat": jnp.zeros((2,)), "step": jnp.zeros((), jnp.int32)})
   items = {"feat": np.array([[1, 0], [0, 1], [1, 1]], np.float32),
            "step": np.zeros(3, np.int32)}
@@ -206,10 +206,10 @@ def test_bank_statistics_and_summaries():
 
 
 def test_workdir_repr_is_one_short_line(tmp_path):
-  from wsss_jax.stages import inspect
+  from wsss_jax.analysis import reader
   from wsss_jax.stages import workdir as wd
   config = {"method": "csrm", "data": {"name": "voc", "root": "/d"},
             "optim": {f"key_{i}": i for i in range(50)}}
   wd.write_json(str(tmp_path / "config.json"), config)
-  w = inspect.open_workdir(str(tmp_path))
+  w = reader.open_workdir(str(tmp_path))
   assert repr(w) == f"Workdir({str(tmp_path)!r}, method='csrm', dataset='voc')"

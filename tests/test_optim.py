@@ -10,7 +10,7 @@ import pytest
 from tiny_model import TinyCAM, make_batches, tiny_config
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods.cam import make_cam_method
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import optim
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import REPO_ROOT
 from wsss_jax.data import pipeline as pl
 from wsss_jax.data import transforms as T
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 NUM_CLASSES = 6
 

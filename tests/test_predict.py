@@ -147,7 +147,7 @@ def test_cam_maps_of_new_images(run, monkeypatch, tmp_path):
   import tiny_backbone  # pylint: disable=import-outside-toplevel
   from wsss_jax.models import registry  # pylint: disable=import-outside-toplevel
   from wsss_jax.stages import predict  # pylint: disable=import-outside-toplevel
-  from wsss_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(registry, "build_backbone", tiny_backbone.tiny_backbone)
   monkeypatch.setenv("WSSS_JAX_CACHE", str(run["cache"]))
   model = predict.load_model(str(run["workdir"]), "cams")

@@ -32,7 +32,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from wsss_jax.data import sources
-from wsss_jax.train import preemption
+from wsss_jax.runtime import preemption
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS_DIR, "preempt_worker.py")
@@ -286,7 +286,8 @@ def test_training_loop_saves_and_resumes_exactly(tmp_path):
   from tiny_model import (  # pylint: disable=import-outside-toplevel
       TinyCAM, grain_train_iter, make_records)
   from wsss_jax.methods.cam import make_cam_method  # pylint: disable=g-import-not-at-top
-  from wsss_jax.train import loop, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from wsss_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   old = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
@@ -338,7 +339,7 @@ def test_dataset_build_stops_and_leaves_nothing(tmp_path):
 
 
 def test_metrics_log_cut_by_a_kill_is_repaired(tmp_path):
-  from wsss_jax.stages import inspect as inspect_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.analysis import reader as inspect_lib  # pylint: disable=import-outside-toplevel
   from wsss_jax.train import log as log_lib  # pylint: disable=import-outside-toplevel
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # SIGKILL mid-write

@@ -252,13 +252,13 @@ def test_sharded_matches_unsharded(reference_run, impl):
 # Inference pieces, weak labels, superpixels, training source.
 # ---------------------------------------------------------------------------------------
 def test_random_walk_matches_numpy():
-  from wsss_jax.stages import spml_labels
+  from wsss_jax.ops import propagation
   rng = np.random.default_rng(0)
   e = rng.normal(size=(2, 1, 6, 3)).astype(np.float32)
   e /= np.linalg.norm(e, axis=-1, keepdims=True)
   scores = rng.random((1, 6, 2)).astype(np.float32)
   valid = np.array([[1, 1, 1, 1, 1, 0]], bool)
-  got = spml_labels.random_walk(jnp.asarray(scores), jnp.asarray(e), jnp.asarray(valid),
+  got = propagation.random_walk(jnp.asarray(scores), jnp.asarray(e), jnp.asarray(valid),
                                 scale=5.0, beta=2.0, logt=2)
   a = np.mean([np.exp(5.0 * (v[0] @ v[0].T - 1.0)) for v in e], axis=0) ** 2.0
   a *= np.outer(valid[0], valid[0])
@@ -266,18 +266,18 @@ def test_random_walk_matches_numpy():
   want = scores[0].T @ np.linalg.matrix_power(t, 4)   # 2^logt = 4 steps
   np.testing.assert_allclose(np.asarray(got[0]), want.T, rtol=1e-4, atol=1e-6)
   # Column-normalised T keeps a constant score plane constant on the valid pixels.
-  flat = spml_labels.random_walk(jnp.ones((1, 6, 1)), jnp.asarray(e), jnp.asarray(valid),
+  flat = propagation.random_walk(jnp.ones((1, 6, 1)), jnp.asarray(e), jnp.asarray(valid),
                                  scale=5.0, beta=2.0, logt=3)
   np.testing.assert_allclose(np.asarray(flat)[0, :5, 0], 1.0, rtol=1e-5)
 
 
 def test_nn_class_scores_hand_case():
-  from wsss_jax.stages import spml_labels
+  from wsss_jax.ops import propagation
   mem = jnp.asarray(_unit([0, 10, 20, 90, 100, 180]))
   labels = jnp.asarray([1, 1, 2, 2, 0, 0])
   valid = jnp.asarray([1, 1, 1, 1, 1, 0], bool)
   q = jnp.asarray(_unit([5, 95]))
-  got = spml_labels.nn_class_scores(q, jnp.asarray([True, False]), mem, labels, valid, 3, 3)
+  got = propagation.nn_class_scores(q, jnp.asarray([True, False]), mem, labels, valid, 3, 3)
   # Query 0 (5 deg): nearest 0, 10, 20 deg -> labels 1, 1, 2. Query 1 is invalid.
   np.testing.assert_allclose(np.asarray(got), [[0, 2 / 3, 1 / 3], [0, 0, 0]], atol=1e-6)
 
@@ -311,7 +311,7 @@ def test_superpixels_and_training_source(tmp_path):
   from PIL import Image
   from wsss_jax.data import palette
   from wsss_jax.data import superpixels
-  from wsss_jax.stages import spml_labels
+  from wsss_jax.data import label_sources
   rng = np.random.default_rng(0)
   image = np.zeros((40, 48, 3), np.uint8)
   image[:, 24:] = 200
@@ -337,13 +337,13 @@ def test_superpixels_and_training_source(tmp_path):
   palette.save_palette_png(str(tmp_path / "labels" / "a.png"), label)
   base = [{"id": "a", "image": image, "mask": np.ones((40, 48), np.uint8),
            "labels": np.array([0, 1, 0], np.uint8)}]
-  src = spml_labels.SPMLTrainSource(base, 4, "tags", str(tmp_path / "labels"),
+  src = label_sources.SPMLTrainSource(base, 4, "tags", str(tmp_path / "labels"),
                                     str(tmp_path / "sp"))
   rec = src[0]
   assert np.all(rec["mask"][:10] == 4) and np.all(rec["mask"][20:] == 2)
   assert np.all(rec["mask"][10:20] == 0)
   np.testing.assert_array_equal(rec["superpixels"], sp)
-  pts = spml_labels.SPMLTrainSource(base, 4, "points", None, None)[0]
+  pts = label_sources.SPMLTrainSource(base, 4, "points", None, None)[0]
   assert "superpixels" not in pts and (pts["mask"] == 1).sum() == 113
 
 

@@ -18,9 +18,9 @@ from tiny_model import TinyTwoScaleBackbone, max_abs_diff, run_steps, tiny_confi
 from wsss_jax.data import sources
 from wsss_jax.methods import seg as seg_method
 from wsss_jax.methods import spml
+from wsss_jax.ops import propagation
 from wsss_jax.ops import seg_inference
 from wsss_jax.stages import spml_bootstrap
-from wsss_jax.stages import spml_labels
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 NUM_CLASSES = 4  # background + 3
@@ -34,7 +34,7 @@ def test_bootstrap_scores_hand_case():
   logits = np.array([[[[0.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 9.0, 0.0]]]], np.float32)
   valid = np.array([[[True, True, False]]])
   present = np.array([[True, True, False]])      # background + class 1; class 2 absent
-  got = np.asarray(spml_labels.bootstrap_scores(jnp.asarray(logits), jnp.asarray(valid),
+  got = np.asarray(propagation.bootstrap_scores(jnp.asarray(logits), jnp.asarray(valid),
                                                 jnp.asarray(present)))
   e = np.exp(logits[0, 0])
   probs = e / e.sum(-1, keepdims=True)
@@ -79,7 +79,7 @@ def _classifier_run(frozen, batches):
 
 
 def _initial_state(batch):
-  from wsss_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from wsss_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   method, cfg = _classifier_method(spml_bootstrap.EMBEDDING_PARAMS)
   opt = state_lib.make_optimizer_for(method, cfg, batch)

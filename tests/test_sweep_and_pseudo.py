@@ -4,24 +4,26 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
+from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops import crf as crf_lib
 from wsss_jax.ops import metrics
 from wsss_jax.ops import pseudo_labels as pl
-from wsss_jax.stages import sweep
 
 
 def test_threshold_predictions_hand_case():
   # Two fg classes (ids 1, 2) on a 1x3 image.
   scores = np.array([[[0.9, 0.2, 0.4]],
                      [[0.1, 0.3, 0.4]]], np.float32)          # [K=2, H=1, W=3]
-  preds = sweep.threshold_predictions(scores, np.array([0.25, 0.35, 0.4]))
+  preds = cam_ops.threshold_labels(scores.transpose(1, 2, 0), np.ones(2),
+                                   np.array([0.25, 0.35, 0.4]))
   # t=0.25: px0 -> 1, px1 -> 2 (0.3 > 0.25), px2: tie 0.4/0.4 -> first fg = 1.
   # t=0.35: px1 falls to bg. t=0.4: px2's best equals t -> background (ties go to bg).
   np.testing.assert_array_equal(preds[:, 0], [[1, 2, 1], [1, 0, 1], [1, 0, 0]])
 
 
 def test_threshold_predictions_without_labels_is_background():
-  preds = sweep.threshold_predictions(np.zeros((0, 2, 2), np.float32), np.array([0.1, 0.5]))
+  preds = cam_ops.threshold_labels(np.ones((2, 2, 3), np.float32), np.zeros(3),
+                                   np.array([0.1, 0.5]))
   assert preds.shape == (2, 2, 2) and not preds.any()
 
 
@@ -29,7 +31,7 @@ def test_sweep_miou_from_hand_confusion():
   gt = np.array([[0, 1], [1, 255]])
   scores = np.array([[[0.2, 0.6], [0.5, 0.9]]], np.float32)
   t = np.array([0.1, 0.55])
-  preds = sweep.threshold_predictions(scores, t)
+  preds = cam_ops.threshold_labels(scores.transpose(1, 2, 0), np.ones(1), t)
   mious = [metrics.iou_from_confusion_np(metrics.confusion_matrix_np(gt, p, 2))[1]
            for p in preds]
   # t=0.1: everything fg -> bg IoU 0/1, fg IoU 2/3 -> mIoU 1/3.
@@ -76,14 +78,13 @@ def test_pseudo_labels_rejects_unknown_mode():
 
 
 def test_host_threshold_rule_equals_device_rule():
-  # The sweep stage's numpy rule is the host twin of ops.cam.cams_to_labels.
-  from wsss_jax.ops import cam as cam_ops
+  # CAMs as stored (absent classes are 0) give the labels of ops.cam.cams_to_labels.
   rng = np.random.default_rng(1)
   cams = rng.random((9, 7, 4)).astype(np.float32)      # [H, W, K]
   labels = np.array([1.0, 0.0, 1.0, 1.0])
-  dense = (cams * labels).transpose(2, 0, 1)            # absent classes are 0 on disk
+  dense = cams * labels                                 # absent classes are 0 on disk
   thresholds = np.array([0.05, 0.3, 0.5, 0.8], np.float32)
-  host = sweep.threshold_predictions(dense, thresholds)
+  host = cam_ops.threshold_labels(dense, labels, thresholds)
   for t, pred in zip(thresholds, host):
     np.testing.assert_array_equal(pred, cam_ops.cams_to_labels(cams, labels, float(t)))
 
@@ -104,10 +105,9 @@ def test_multiscale_probs_flip_and_scale():
 
 
 def test_mean_average_precision_hand_case():
-  from wsss_jax.stages import train as train_stage
   labels = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], bool)
   scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.4], [0.3, 0.2, 0.6]])
-  mean_ap, aps = train_stage.mean_average_precision(scores, labels)
+  mean_ap, aps = metrics.mean_average_precision(scores, labels)
   # Class 0: scores 0.9, 0.2, 0.3 -> positives (images 0, 2) ranked 1st and 2nd -> AP 1.
   # Class 1: scores 0.1, 0.8, 0.2 -> positives (images 1, 2) ranked 1st and 2nd -> AP 1.
   assert aps[0] == pytest.approx(1.0) and aps[1] == pytest.approx(1.0)
@@ -115,5 +115,5 @@ def test_mean_average_precision_hand_case():
   assert mean_ap == pytest.approx(1.0)
   scores[2, 0] = 0.05                     # positive image 2 now ranks below negative 1
   # Precision at the positives: 1/1 (image 0), then 2/3 (image 2 after image 1).
-  _, aps = train_stage.mean_average_precision(scores, labels)
+  _, aps = metrics.mean_average_precision(scores, labels)
   assert aps[0] == pytest.approx((1 + 2 / 3) / 2)

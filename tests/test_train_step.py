@@ -10,7 +10,7 @@ from tiny_model import TinyCAM, make_batches, max_abs_diff, run_steps, tiny_conf
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
 from wsss_jax.methods.base import LossAux, Method
 from wsss_jax.methods.cam import make_cam_method
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 NUM_CLASSES = 5  # background + 4
 pytestmark = pytest.mark.usefixtures("fast_compile")

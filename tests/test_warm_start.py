@@ -9,7 +9,7 @@ from tiny_model import TinyCAM, tiny_config
 from wsss_jax.methods.base import Method
 from wsss_jax.stages import baseline as baseline_stage
 from wsss_jax.stages import inference
-from wsss_jax.stages import train as train_stage
+from wsss_jax.stages import training
 from wsss_jax.train import warm_start
 
 
@@ -46,26 +46,26 @@ def test_merge_rejects_shape_mismatch_and_unrelated_files():
 
 def test_init_from_path_and_with_warm_start(tmp_path):
   cfg = tiny_config()
-  assert train_stage.init_from_path(cfg, str(tmp_path)) == ""
+  assert training.init_from_path(cfg, str(tmp_path)) == ""
   cfg.train.init_from = "baseline"
   with pytest.raises(FileNotFoundError, match="add the 'baseline' stage"):
-    train_stage.init_from_path(cfg, str(tmp_path))
+    training.init_from_path(cfg, str(tmp_path))
   saved = _variables(0)
   os.makedirs(tmp_path / "baseline")
   path = str(tmp_path / "baseline" / inference.VARIABLES_FILE)
   inference.save_variables(path, saved["params"], saved["batch_stats"])
-  assert train_stage.init_from_path(cfg, str(tmp_path)) == path
+  assert training.init_from_path(cfg, str(tmp_path)) == path
   cfg.train.init_from = str(tmp_path / "baseline")  # a directory holding the file
-  assert train_stage.init_from_path(cfg, str(tmp_path)) == path
+  assert training.init_from_path(cfg, str(tmp_path)) == path
 
   calls = []
   method = Method(name="cam", model=TinyCAM(4), loss=None,
                   load_pretrained=lambda v: calls.append(1) or v)
-  loaded = train_stage.with_warm_start(method, path).load_pretrained(_variables(1))
+  loaded = training.with_warm_start(method, path).load_pretrained(_variables(1))
   assert calls == [1]  # the method's own (ImageNet) loader still runs first
   assert max(float(np.max(np.abs(a - b))) for a, b in
              zip(jax.tree.leaves(loaded), jax.tree.leaves(saved))) == 0.0
-  assert train_stage.with_warm_start(method, "") is method
+  assert training.with_warm_start(method, "") is method
 
 
 def test_baseline_config_trains_cam_for_its_own_steps():

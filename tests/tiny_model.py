@@ -131,7 +131,7 @@ def run_steps(method, cfg, n_dev: int, impl: str, batches):
   8 devices under `jit` and `shard_map` for "sharded == unsharded" tests.
   """
   from jax.sharding import PartitionSpec  # pylint: disable=import-outside-toplevel
-  from wsss_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from wsss_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from wsss_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   cfg.mesh.data = n_dev

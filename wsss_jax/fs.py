@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import secrets
 import shutil
@@ -187,3 +189,41 @@ def append_text(path: str, text: str) -> None:
   before = read_bytes(path).decode() if exists(path) else ""
   with atomic_path(path) as tmp, open(tmp, "w") as f:  # pylint: disable=unspecified-encoding
     f.write(before + text)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON, atomically (NaN/Inf become null: strict JSON)."""
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    json.dump(_finite(obj), f, indent=2, sort_keys=True, default=_json_default,
+              allow_nan=False)
+    f.write("\n")
+
+
+def read_json(path: str) -> Any:
+  """Reads a JSON file, naming the file in the error if it is corrupt."""
+  try:
+    with open_file(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); delete it to recompute") from e
+
+
+def _finite(obj: Any) -> Any:
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  if hasattr(obj, "tolist"):  # numpy arrays and scalars
+    return _finite(obj.tolist())
+  return obj
+
+
+def _json_default(obj: Any) -> Any:
+  # numpy scalars and arrays appear in metrics; JSON wants plain Python values.
+  if hasattr(obj, "tolist"):
+    return obj.tolist()
+  if hasattr(obj, "item"):
+    return obj.item()
+  raise TypeError(f"Not JSON serialisable: {type(obj).__name__}")

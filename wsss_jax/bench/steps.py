@@ -17,7 +17,7 @@ import numpy as np
 
 from wsss_jax import methods
 from wsss_jax.bench import timing
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib
 

@@ -42,12 +42,12 @@ import tensorflow_datasets as tfds
 
 from wsss_jax import fs
 from wsss_jax.data import synthetic
+from wsss_jax.ops import IGNORE_INDEX
 
 # Bump when the layout of prepared folders or the record features change.
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 ARRAYS_FILE = "arrays.npz"
-IGNORE = 255
 # zlib level of images and masks: tfds' own default (6), so the files are byte-identical to a
 # plain tfds zlib Tensor's. Measured on MSRC and 500x375 photo crops: level 1 writes ~1.5x
 # faster but is 1-3 % bigger and no faster to read; writing runs in threads, reading every
@@ -181,7 +181,7 @@ class StatsCollector:
     """int64 [C + 3]: H, W, pixels per class id 0..C-1, ignore pixels."""
     counts = np.bincount(mask.ravel(), minlength=256)
     return np.concatenate([mask.shape[:2], counts[:num_classes],
-                           counts[IGNORE:IGNORE + 1]]).astype(np.int64)
+                           counts[IGNORE_INDEX:IGNORE_INDEX + 1]]).astype(np.int64)
 
   def add_row(self, tfds_split: str, row: np.ndarray) -> None:
     self._hw.setdefault(tfds_split, []).append(tuple(row[:2]))
@@ -232,12 +232,12 @@ def _remove_stale_tmp_dirs(parent: str, key: str) -> None:
 
 
 def check_preemption() -> None:
-  """Stops a build at the next example after SIGTERM (`train/preemption.py`).
+  """Stops a build at the next example after SIGTERM (`runtime/preemption.py`).
 
   Local, not collective: only one process builds. The temporary folder is removed by
   `build_atomically`, so the rerun builds again from the start.
   """
-  from wsss_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
   if preemption.requested():
     raise preemption.Preempted("building the dataset (a rerun builds it again)")
 

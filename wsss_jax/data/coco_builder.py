@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 
 from wsss_jax.data import builders
 from wsss_jax.data import voc_builder
+from wsss_jax.ops import IGNORE_INDEX
 
 ANNOTATION_DIR = "annotations"
 _INSTANCES = re.compile(r"^instances_(?P<split>[A-Za-z0-9_]+)\.json$")
@@ -218,7 +219,7 @@ def semantic_mask(annotations: list[dict[str, Any]], height: int, width: int,
   painted = np.zeros((height, width), bool)
   for _, _, m in objects:
     painted |= m
-  mask[crowd & ~painted] = builders.IGNORE
+  mask[crowd & ~painted] = IGNORE_INDEX
   return mask
 
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from wsss_jax.data import augment_ops
 from wsss_jax.data import transforms
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 DATA_AXIS = mesh_lib.DATA_AXIS
 PAD_MULTIPLE = 32
@@ -281,7 +281,7 @@ def eval_dataset(source, data_cfg, *, pad_size: int, batch_size: int | None = No
     process_count: `image` float32 `[b, P, P, 3]` (0 in padding), `mask` int32
     `[b, P, P]` (255 in padding), `valid` bool `[b, P, P]`, `size` int32 `[b, 2]`
     (image h, w), `labels` float32 `[b, C-1]`, `index` int32 `[b]` (source index, -1 for
-    batch padding), `id` str `[b]` (host only; `train.mesh.to_global` leaves it out).
+    batch padding), `id` str `[b]` (host only; `runtime.mesh.to_global` leaves it out).
   """
   pidx, pcount = _process_info(process_index, process_count)
   global_b = int(batch_size or data_cfg.eval_batch_size)

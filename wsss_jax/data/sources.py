@@ -89,34 +89,60 @@ def _check_configured_splits(data_cfg: Any, available: Sequence[str],
                        f"{sorted(available)}")
 
 
-def _resolve(data_cfg: Any) -> tuple[str, dict[str, Any]]:
-  """Builds the prepared dataset if needed; returns (folder, meta.json contents)."""
+def _locate(data_cfg: Any) -> tuple[str, str, Callable[[str], None]]:
+  """Where the prepared dataset of `data_cfg` lives and what it is made of, without building.
+
+  Returns `(folder under the cache, identity, build)`: `identity` names the content (the
+  synthetic generator's parameters, or a hash of the VOC/COCO root's files; not where the
+  root or the cache are), `build(folder)` prepares it. Scans the root (a listing).
+  """
   name = _get(data_cfg, "name")
   mode = _on_bad_input(data_cfg)
-  cache = os.path.expanduser(_get(data_cfg, "cache_dir") or default_cache_dir())
   if name == "synthetic":
     params = builders.SyntheticParams.from_config(data_cfg.synthetic)
     _check_configured_splits(data_cfg, ("train", "val"), lambda _: "in the synthetic dataset")
-    folder = os.path.join(cache, "synthetic", builders.synthetic_key(params))
-    if not builders.is_complete(folder):
-      builders.build_synthetic(folder, params)
-  elif name == "voc":
+    key = builders.synthetic_key(params)
+    return (os.path.join("synthetic", key), f"synthetic/{key}",
+            lambda folder: builders.build_synthetic(folder, params))
+  if name == "voc":
     layout = voc_builder.scan(_get(data_cfg, "root", ""), _configured_class_names(data_cfg))
     split_dir = os.path.join(layout.root, voc_builder.SPLIT_DIR)
     _check_configured_splits(data_cfg, layout.splits,
                              lambda s: f"(missing split file {split_dir}/{s}.txt)")
-    folder = os.path.join(cache, "voc", voc_builder.voc_key(layout))
-    if not builders.is_complete(folder):
-      voc_builder.build_voc(folder, layout, mode)
-  elif name == "coco":
+    return (os.path.join("voc", voc_builder.voc_key(layout)),
+            f"voc/{layout.fingerprint[:16]}",
+            lambda folder: voc_builder.build_voc(folder, layout, mode))
+  if name == "coco":
     layout = coco_builder.scan(_get(data_cfg, "root", ""))
     _check_configured_splits(data_cfg, layout.splits, lambda s: (
         f"(no {os.path.join(layout.root, coco_builder.ANNOTATION_DIR)}/instances_{s}.json)"))
-    folder = os.path.join(cache, "coco", coco_builder.coco_key(layout))
-    if not builders.is_complete(folder):
-      coco_builder.build_coco(folder, layout, mode)
-  else:
-    raise ValueError(f"Unknown data.name={name!r}; accepted: {list(DATASETS)}")
+    return (os.path.join("coco", coco_builder.coco_key(layout)),
+            f"coco/{layout.fingerprint[:16]}",
+            lambda folder: coco_builder.build_coco(folder, layout, mode))
+  raise ValueError(f"Unknown data.name={name!r}; accepted: {list(DATASETS)}")
+
+
+def dataset_identity(data_cfg: Any) -> str:
+  """The content identity of `data_cfg`'s dataset (see `_locate`), e.g. `voc/3fa2...`.
+
+  The `data` stage's fingerprint (`stages/registry.py`) is built on it, so results made
+  from the same files match wherever the root or the cache are.
+
+  Raises:
+    BadInputError: a root that is missing or not in the VOC/COCO layout.
+    ValueError: unknown dataset, or a configured split that does not exist.
+  """
+  return _locate(data_cfg)[1]
+
+
+def _resolve(data_cfg: Any) -> tuple[str, dict[str, Any]]:
+  """Builds the prepared dataset if needed; returns (folder, meta.json contents)."""
+  mode = _on_bad_input(data_cfg)
+  cache = os.path.expanduser(_get(data_cfg, "cache_dir") or default_cache_dir())
+  where, _, build = _locate(data_cfg)
+  folder = os.path.join(cache, where)
+  if not builders.is_complete(folder):
+    build(folder)
   meta = builders.read_meta(folder)
   if mode == "error" and meta.get("skipped"):
     shown = "\n  ".join(meta["skipped"][:10])

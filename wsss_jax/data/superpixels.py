@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from wsss_jax import fs
 from wsss_jax.data import sources
 
 METHODS = ("hed", "slic", "felzenszwalb")
@@ -142,7 +143,6 @@ def read(directory: str, image_id: str) -> np.ndarray:
 
 def ensure(data_cfg: Any, sp_cfg: Any, split: str, num_threads: int = 2) -> str:
   """Computes the missing superpixel maps of `split`; returns their folder."""
-  from wsss_jax.stages import workdir as wd  # Local import: atomic writes.
   directory = split_dir(data_cfg, sp_cfg, split)
   marker = os.path.join(directory, "complete.json")
   if os.path.exists(marker):
@@ -154,12 +154,12 @@ def ensure(data_cfg: Any, sp_cfg: Any, split: str, num_threads: int = 2) -> str:
     out = path(directory, record["id"])
     if not os.path.exists(out):
       ids = compute(record["image"], sp_cfg)
-      with wd.atomic_path(out) as tmp:
+      with fs.atomic_path(out) as tmp:
         Image.fromarray(ids).save(tmp, format="PNG")
     return 1
 
   os.makedirs(directory, exist_ok=True)
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     done = sum(pool.map(one, range(len(source))))
-  wd.write_json(marker, {"images": done, "params": _params(sp_cfg)})
+  fs.write_json(marker, {"images": done, "params": _params(sp_cfg)})
   return directory

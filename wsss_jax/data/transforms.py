@@ -48,11 +48,14 @@ import grain
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # RGB, in [0, 1]
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-_MEAN255 = IMAGENET_MEAN * 255.0
-_STD255 = IMAGENET_STD * 255.0
+from wsss_jax.ops import IGNORE_INDEX
+from wsss_jax.ops import image as image_ops
+from wsss_jax.ops import sizes
+# Re-exported: the normalisation constants and its inverse live with the ops that use them.
+from wsss_jax.ops.image import IMAGENET_MEAN, IMAGENET_STD, denormalize  # noqa: F401
+
+_MEAN255 = image_ops.MEAN255
+_STD255 = image_ops.STD255
 _INV_STD255 = (1.0 / _STD255).astype(np.float32)
 # Normalised values of the uint8 range ends: the clip bounds for fused jitter+normalise.
 _NORM_LO = ((0.0 - _MEAN255) * _INV_STD255).astype(np.float32)
@@ -95,23 +98,6 @@ def _normalize_np(image: np.ndarray) -> np.ndarray:
   w = out.shape[-2]
   rows -= np.tile(_MEAN255, w)
   rows *= np.tile(_INV_STD255, w)
-  return out
-
-
-def denormalize(image, *, as_uint8: bool = True):
-  """Inverse of `normalize`.
-
-  Args:
-    image: `[..., 3]` float numpy or jax array in normalised units.
-    as_uint8: return uint8 (rounded and clipped to [0, 255]); else float32 in [0, 255]
-      unclipped.
-
-  Returns:
-    Array of the same shape (same array library as the input).
-  """
-  out = image.astype(np.float32) * _STD255 + _MEAN255
-  if as_uint8:
-    out = out.clip(0.0, 255.0).round().astype(np.uint8)
   return out
 
 
@@ -176,8 +162,8 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int],
 
 
 def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
-  """`(round(h * scale), round(w * scale))`, at least 1."""
-  return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+  """`(h, w)` scaled by `scale`, each side by `ops.sizes.scaled_size`."""
+  return sizes.scaled_size(h, scale), sizes.scaled_size(w, scale)
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import tensorflow_datasets as tfds
 
 from wsss_jax.data import palette
 from wsss_jax.data import builders
+from wsss_jax.ops import IGNORE_INDEX
 
 IMAGE_DIR = "JPEGImages"
 MASK_DIRS = ("SegmentationClass", "SegmentationClassAug")  # in order of preference
@@ -282,11 +283,11 @@ def load_example(image_path: str, mask_path: str, num_classes: int, class_source
         f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image "
         f"{image_path} is {image.shape[0]}x{image.shape[1]}")
   counts = np.bincount(mask.ravel(), minlength=256)
-  bad = [v for v in np.flatnonzero(counts) if num_classes <= v != builders.IGNORE]
+  bad = [v for v in np.flatnonzero(counts) if num_classes <= v != IGNORE_INDEX]
   if bad:
     raise builders.BadInputError(
         f"{mask_path}: class ids {[int(v) for v in bad]} are >= num_classes={num_classes} "
-        f"(classes from {class_source}) and not {builders.IGNORE} (ignore)")
+        f"(classes from {class_source}) and not {IGNORE_INDEX} (ignore)")
   return image, mask
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from wsss_jax.ops import IGNORE_INDEX
+
 KINDS = ("points", "scribbles", "boxes")
-VOID = 255
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -57,7 +58,7 @@ def weak_label(mask: np.ndarray, kind: str, num_classes: int, *, min_area: int =
   if kind not in KINDS:
     raise ValueError(f"config.data.weak_label={kind!r}; expected 'tags' or one of {KINDS}")
   out = np.full(mask.shape, num_classes, np.uint8)
-  classes = [int(c) for c in np.unique(mask) if c != VOID and c < num_classes]
+  classes = [int(c) for c in np.unique(mask) if c != IGNORE_INDEX and c < num_classes]
   if kind == "points":
     for c in classes:
       for region in _components(mask, c, min_area):

@@ -113,6 +113,47 @@ class StepContext:
       return x
     return jax.tree.map(lambda a: jax.lax.all_gather(a, self.axis_name, tiled=True), x)
 
+  def all_gather_invariant(self, x: PyTree) -> PyTree:
+    """`all_gather` whose result is typed device-invariant: the same global batch on every
+    device, as replicated state (memory banks, queues, previous-batch prototypes) and
+    computations that must agree across devices need under shard_map's `check_vma`
+    (`lax.all_gather` is typed device-varying). Exact. Identity under jit."""
+    if self.axis_name is None:
+      return x
+    return jax.tree.map(lambda a: _all_gather_invariant(a, self.axis_name), x)
+
+  def local_rows(self, x: jax.Array, n_local: int) -> jax.Array:
+    """This device's `n_local` rows of a global-batch array (all rows under jit)."""
+    if self.axis_name is None:
+      return x
+    start = jax.lax.axis_index(self.axis_name) * n_local
+    return jax.lax.dynamic_slice_in_dim(x, start, n_local, axis=0)
+
+  def global_index(self, n_local: int) -> jax.Array:
+    """int32 [n_local]: the index of each local row in the global batch (device-major
+    under shard_map; 0..n-1 under jit)."""
+    idx = jnp.arange(n_local, dtype=jnp.int32)
+    if self.axis_name is None:
+      return idx
+    return jax.lax.axis_index(self.axis_name).astype(jnp.int32) * n_local + idx
+
+
+def _all_gather_invariant(x: jax.Array, axis_name: str) -> jax.Array:
+  """Tiled all-gather typed invariant. JAX's `all_gather_invariant` (not yet public in
+  jax.lax) is Varying -> Invariant; without it, a psum of zero-padded blocks (x + 0: exact)
+  is the same. Booleans travel as int32."""
+  kind = x.dtype
+  x = x.astype(jnp.int32) if kind == jnp.bool_ else x
+  try:
+    from jax._src.lax import parallel  # pylint: disable=import-outside-toplevel
+    out = parallel.all_gather_invariant(x, axis_name, tiled=True)
+  except (ImportError, AttributeError):
+    n = x.shape[0]
+    full = jnp.zeros((n * jax.lax.axis_size(axis_name),) + x.shape[1:], x.dtype)
+    full = jax.lax.dynamic_update_slice_in_dim(full, x, jax.lax.axis_index(axis_name) * n, 0)
+    out = jax.lax.psum(full, axis_name)
+  return out.astype(kind)
+
 
 def _no_extra(rng: jax.Array, variables: PyTree) -> PyTree:
   del rng, variables

@@ -23,23 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from wsss_jax.methods import base
-
-
-def multilabel_soft_margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-image multi-label soft-margin loss.
-
-  Args:
-    logits: [B, K] class scores (any float dtype; computed in float32).
-    labels: [B, K] multi-hot {0, 1} (float or int).
-
-  Returns:
-    [B] float32: mean over the K classes of the BCE-with-logits.
-  """
-  z = logits.astype(jnp.float32)
-  y = labels.astype(jnp.float32)
-  # log s(z) = -softplus(-z), log(1 - s(z)) = -softplus(z): stable for large |z|.
-  bce = y * jax.nn.softplus(-z) + (1.0 - y) * jax.nn.softplus(z)
-  return jnp.mean(bce, axis=-1)
+from wsss_jax.ops.losses import multilabel_soft_margin_loss
 
 
 def cam_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, Any]:

@@ -40,15 +40,18 @@ student), so the CAM, sweep and pseudo stages use the teacher by default.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wsss_jax.data import transforms
 from wsss_jax.methods import base
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import classmix as classmix_ops
+from wsss_jax.ops import image as image_ops
 from wsss_jax.ops import csrm_losses as L
 from wsss_jax.ops import memory
 from wsss_jax.ops import resize
@@ -74,38 +77,6 @@ def _check(cfg: Any) -> None:
                      f"{cfg.low_rank}, {cfg.high_rank}")
 
 
-def _all_gather_invariant(x: jax.Array, axis_name: str) -> jax.Array:
-  """Tiled all-gather whose result is typed replicated (invariant) under check_vma.
-
-  `lax.all_gather` is Varying -> Varying, so state computed from it (the queues) could not
-  leave shard_map with `out_specs=P()`. JAX's `all_gather_invariant` (not yet public in
-  jax.lax) is Varying -> Invariant; without it, a psum of zero-padded blocks is equivalent.
-  """
-  try:
-    from jax._src.lax import parallel  # pylint: disable=import-outside-toplevel
-    return parallel.all_gather_invariant(x, axis_name, tiled=True)
-  except (ImportError, AttributeError):
-    n = x.shape[0]
-    full = jnp.zeros((n * jax.lax.axis_size(axis_name),) + x.shape[1:], x.dtype)
-    full = jax.lax.dynamic_update_slice_in_dim(full, x, jax.lax.axis_index(axis_name) * n, 0)
-    return jax.lax.psum(full, axis_name)
-
-
-def _gather(ctx: base.StepContext, tree: Any) -> Any:
-  """The global batch of a pytree of per-device arrays, replicated (identity under jit)."""
-  if ctx.axis_name is None:
-    return tree
-  return jax.tree.map(lambda a: _all_gather_invariant(a, ctx.axis_name), tree)
-
-
-def _local_rows(ctx: base.StepContext, x: jax.Array, n_local: int) -> jax.Array:
-  """This device's rows of a gathered array (identity under jit)."""
-  if ctx.axis_name is None:
-    return x
-  start = jax.lax.axis_index(ctx.axis_name) * n_local
-  return jax.lax.dynamic_slice_in_dim(x, start, n_local, axis=0)
-
-
 def _gather_rows(ctx: base.StepContext, local: jax.Array, idx: jax.Array) -> jax.Array:
   """Rows `idx` (global indices, any shape) of a row-sharded [N_local, D] array.
 
@@ -121,11 +92,248 @@ def _gather_rows(ctx: base.StepContext, local: jax.Array, idx: jax.Array) -> jax
   return jax.lax.psum(rows, ctx.axis_name)
 
 
+@dataclasses.dataclass(frozen=True)
+class CSRMSettings:
+  """`config.csrm` resolved for the pure functions below (see `default_csrm_config`), with
+  the class count and the number of epochs of the schedule."""
+  num_classes: int
+  num_epochs: int
+  unlabeled: str
+  unlabeled_use_labels: bool
+  steps_per_epoch: int
+  warmup_epochs: int
+  fg_threshold: float
+  bg_threshold: float
+  use_crf: bool
+  crf_iters: int
+  crf_gt_prob: float
+  label_smoothing: float
+  s2c_threshold: float
+  classmix_prob: float
+  w_c: float
+  w_c2s: float
+  w_s2c: float
+  w_u: float
+  w_contra: float
+  low_rank: int
+  high_rank: int
+  positive_threshold: float
+  negative_threshold: float
+  temperature: float
+  num_queries: int
+  num_negatives: int
+  bank_size_fg: int
+  bank_size_bg: int
+  rep_dim: int
+  contrast_norm: str
+  teacher_pass2: str
+  ema_copy_inclusive: bool
+  ema_max_decay: float
+  align_corners: bool
+  export: str
+
+
+def csrm_settings(config: Any, num_classes: int) -> CSRMSettings:
+  """Validates `config.csrm` and resolves it (`config.train.num_steps` gives the epochs)."""
+  cfg = config.csrm
+  _check(cfg)
+  spe = int(cfg.steps_per_epoch)
+  cast = {"int": int, "float": float, "bool": bool, "str": str}
+  values = {f.name: cast[f.type](cfg[f.name]) for f in dataclasses.fields(CSRMSettings)
+            if f.name not in ("num_classes", "num_epochs")}
+  return CSRMSettings(num_classes=num_classes,
+                      num_epochs=max(-(-int(config.train.num_steps) // spe), 1), **values)
+
+
+def init_extra(s: CSRMSettings, rng: jax.Array, variables: Any) -> Any:
+  """Teacher = a copy of the initial student; empty banks; the shared random key."""
+  c = s.num_classes
+  dim = int(s.rep_dim)
+  item = jnp.zeros((dim,), jnp.float32)
+  fg = jax.vmap(lambda _: memory.fifo_init(int(s.bank_size_fg), item))(jnp.arange(c - 1))
+  return {"teacher": {"params": variables["params"],
+                      "batch_stats": variables["batch_stats"]},
+          "bank_bg": memory.fifo_init(int(s.bank_size_bg), item), "bank_fg": fg,
+          "key": jax.random.key_data(rng)}
+
+
+def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
+         batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array,
+         ctx: base.StepContext) -> tuple[jax.Array, base.LossAux]:
+  """The CSRM loss of one step (steps 1-7 of the module docstring); see `base.Method`."""
+  c, spe, num_epochs, warmup = (s.num_classes, s.steps_per_epoch, s.num_epochs,
+                                s.warmup_epochs)
+  ls, nq, nn_, ac = s.label_smoothing, s.num_queries, s.num_negatives, s.align_corners
+  images, labels = batch["image"], batch["labels"].astype(jnp.float32)
+  if s.unlabeled == "duplicate":  # every image once as L and once as U, interleaved
+    images = jnp.repeat(images, 2, axis=0)
+    labels = jnp.repeat(labels, 2, axis=0)
+  nb = images.shape[0]
+  if nb % 2:
+    raise ValueError(f"config.data.batch_size: CSRM's L/U split needs an even batch per "
+                     f"device, got {nb} (or use config.csrm.unlabeled='duplicate')")
+  size = images.shape[1:3]
+  # Row parity is the same for local and global indices (even per-device batches).
+  is_u = (jnp.arange(nb) % 2) == 1
+  sched = L.schedule(step, spe, num_epochs, warmup)
+  key = jax.random.fold_in(jax.random.wrap_key_data(extra["key"]), step)
+  k_mix, k_anchor, k_neg = jax.random.split(key, 3)
+  k_drop_s, k_drop_t = jax.random.split(rng)
+  teacher = jax.lax.stop_gradient(extra["teacher"])
+  up = lambda x: resize.resize_bilinear(x, size, align_corners=ac)
+
+  # 1-2. Teacher (eval) -> CAM pseudo masks.
+  t1, _ = ctx.apply(teacher["params"], teacher["batch_stats"], images, train=False)
+  rgb = image_ops.denormalize(images, as_uint8=False)
+  y_cam = L.cam_pseudo_masks(t1["class_cams"], labels, rgb, float(s.fg_threshold),
+                             float(s.bg_threshold), use_crf=bool(s.use_crf),
+                             crf_iters=int(s.crf_iters), gt_prob=float(s.crf_gt_prob),
+                             align_corners=ac)
+  s_t = up(t1["seg_logits"])
+
+  # 3. ClassMix on the global batch (shared key), then back to this device's rows.
+  extras = {"s_t": s_t}
+  if s.teacher_pass2 == "none":
+    extras.update(s_t4=t1["seg_logits"], r_t=t1["rep"])
+  g = ctx.all_gather_invariant((images, y_cam, labels, extras))
+  g_img, g_y, g_lab, g_ext, paste = classmix_ops.classmix(
+      k_mix, *g, num_classes=c, prob=float(s.classmix_prob))
+  images, y_cam, labels, extras = jax.tree.map(lambda x: ctx.local_rows(x, nb),
+                                               (g_img, g_y, g_lab, g_ext))
+  s_t = extras["s_t"]
+
+  # 4. Label-masked teacher probabilities.
+  mask_labels = labels if s.unlabeled_use_labels else jnp.where(
+      is_u[:, None], 1.0, labels)
+  p_t = L.label_masked_probs(s_t, mask_labels)
+  yhat_t = jnp.argmax(p_t, axis=-1).astype(jnp.int32)
+
+  # 5. Student.
+  s_out, new_bs = ctx.apply(params, batch_stats, images, train=True,
+                            rngs={"dropout": k_drop_s})
+  s_s = up(s_out["seg_logits"])
+
+  # 6. Teacher second pass (train mode: dropout, batch statistics not kept).
+  if s.teacher_pass2 == "none":
+    s_t4, r_t = extras["s_t4"], extras["r_t"]
+  else:
+    t2, _ = ctx.apply(teacher["params"], teacher["batch_stats"], images,
+                      train=s.teacher_pass2 == "train", rngs={"dropout": k_drop_t})
+    s_t4, r_t = t2["seg_logits"], t2["rep"]
+  s_t4, r_t = jax.lax.stop_gradient((s_t4, r_t))
+  prob_t4 = jax.nn.softmax(s_t4, axis=-1)
+
+  # 7a. L_c (all images, smoothed labels), L_c2s (L images), L_s2c (all images).
+  l_c = jnp.mean(L.classification_loss(s_out["logits"], labels, ls))
+  gmean = lambda sc: ctx.psum(sc[0]) / jnp.maximum(ctx.psum(sc[1]), 1.0)
+  l_c2s = gmean(L.ce_sum_count(s_s, L.c2s_targets(y_cam, ~is_u), ls))
+  z, y_s2c = L.s2c_logits_targets(s_s, s_out["class_cams"], p_t,
+                                  float(s.s2c_threshold), ac)
+  l_s2c = gmean(L.ce_sum_count(z, y_s2c, ls))
+
+  # 7b. L_u: U images, entropy-percentile dropping on the global batch.
+  ent_full = (L.entropy(jax.nn.softmax(up(s_t4), axis=-1))
+              if s.teacher_pass2 != "none" else L.entropy(jax.nn.softmax(s_t, axis=-1)))
+  g_yhat, g_ent, g_u = ctx.all_gather_invariant((yhat_t, ent_full, is_u))
+  y_u, weight_u = L.unsup_targets(g_yhat, g_ent, g_u, sched.drop_percent)
+  y_u = ctx.local_rows(y_u, nb)
+  l_u = weight_u * gmean(L.ce_sum_count(s_s, y_u))
+
+  # 7c. L_contra at stride 4 on the global batch.
+  h4 = s_t4.shape[1:3]
+  lab4 = jnp.where(is_u[:, None, None], yhat_t, y_cam)
+  lab4 = resize.resize_nearest(lab4, h4, half_pixel=False)
+  ent4 = L.entropy(prob_t4)
+  g_lab4, g_prob4, g_ent4, g_labels, g_rt = ctx.all_gather_invariant(
+      (lab4, prob_t4, ent4, labels, r_t))
+  masks = L.contrast_masks(g_lab4, g_prob4, g_ent4, g_u, g_labels, sched.alpha_percent,
+                           low_rank=int(s.low_rank), high_rank=int(s.high_rank),
+                           positive_threshold=float(s.positive_threshold),
+                           negative_threshold=float(s.negative_threshold),
+                           unlabeled_use_labels=bool(s.unlabeled_use_labels))
+  dim = g_rt.shape[-1]
+  keys_flat = g_rt.reshape(-1, dim)
+  proto_count = jnp.sum(masks.proto, axis=1)
+  protos = (masks.proto.astype(jnp.float32) @ keys_flat) / jnp.maximum(
+      proto_count, 1)[:, None]
+  # Queues: enqueue this step's negatives (after warm-up), then sample from them (U²PL
+  # samples after the enqueue).
+  active = sched.active > 0
+
+  def enqueue(bank, neg):
+    # Only the newest Q masked keys can survive: move Q features, not all N.
+    sel, ok = L.newest_masked(neg, memory.capacity(bank))
+    return memory.fifo_enqueue(bank, keys_flat[sel], ok & active)
+
+  bank_bg = enqueue(extra["bank_bg"], masks.negative[0])
+  bank_fg = jax.vmap(enqueue)(extra["bank_fg"], masks.negative[1:])
+  kb, kf = jax.random.split(k_neg)
+  neg_bg, ok_bg = memory.fifo_sample(bank_bg, kb, nq * nn_)
+  neg_fg, ok_fg = jax.vmap(lambda b, k: memory.fifo_sample(b, k, nq * nn_))(
+      bank_fg, jax.random.split(kf, c - 1))
+  negatives = jnp.concatenate([neg_bg[None], neg_fg], axis=0).reshape(c, nq, nn_, dim)
+  neg_ok = jnp.concatenate([ok_bg[None], ok_fg])
+  idx, anchor_ok = jax.vmap(lambda m, k: masked_categorical(k, m, nq))(
+      masks.anchor, jax.random.split(k_anchor, c))
+  r_s = s_out["rep"].reshape(-1, dim)
+  anchors = _gather_rows(ctx, r_s, idx)
+  class_valid = proto_count > 0
+  used = class_valid & anchor_ok & neg_ok
+  l_con = L.contrast_loss(anchors, anchor_ok, protos, class_valid, negatives, neg_ok,
+                          float(s.temperature))
+  if s.contrast_norm == "used":
+    n_valid = jnp.sum(class_valid).astype(jnp.float32)
+    l_con = l_con * n_valid / jnp.maximum(jnp.sum(used).astype(jnp.float32), 1.0)
+
+  total = (s.w_c * l_c + s.w_c2s * l_c2s + s.w_s2c * sched.w_s2c * l_s2c
+           + sched.active * (s.w_u * l_u + s.w_contra * l_con))
+  labelled = (y_cam != IGNORE_INDEX)
+  metrics = {
+      "l_c": l_c, "l_c2s": l_c2s, "l_s2c": l_s2c, "l_u": l_u, "l_contra": l_con,
+      "w_s2c": sched.w_s2c, "active": sched.active, "drop_percent": sched.drop_percent,
+      "alpha_percent": sched.alpha_percent,
+      "mixed": jnp.any(paste).astype(jnp.float32),
+      "cam_labelled_fraction": jnp.mean(labelled.astype(jnp.float32)),
+      "cam_fg_fraction": jnp.mean((labelled & (y_cam > 0)).astype(jnp.float32)),
+      "u_kept_fraction": (jnp.sum(y_u != IGNORE_INDEX).astype(jnp.float32),
+                          jnp.sum(jnp.broadcast_to(is_u[:, None, None], y_u.shape))
+                          .astype(jnp.float32)),
+      "contrast_valid_classes": jnp.sum(class_valid).astype(jnp.float32),
+      "contrast_used_classes": jnp.sum(used).astype(jnp.float32),
+      "bank_fill_fg": jnp.mean(bank_fg.count / int(s.bank_size_fg)),
+      "bank_fill_bg": bank_bg.count / int(s.bank_size_bg),
+  }
+  aux = {"bank_bg": bank_bg, "bank_fg": bank_fg}
+  return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=aux)
+
+
+def update_extra(s: CSRMSettings, extra: Any, params: Any, batch_stats: Any, extra_aux: Any,
+                 step: jax.Array, ctx: base.StepContext) -> Any:
+  """EMA teacher (after the student's update) and the enqueued banks."""
+  del ctx
+  d = L.ema_decay(step, s.steps_per_epoch, s.warmup_epochs, s.ema_copy_inclusive,
+                  s.ema_max_decay)
+  ema = lambda t, x: (d * t + (1.0 - d) * x).astype(t.dtype)
+  teacher = {"params": jax.tree.map(ema, extra["teacher"]["params"], params),
+             "batch_stats": jax.tree.map(ema, extra["teacher"]["batch_stats"],
+                                         batch_stats)}
+  return {**extra, "teacher": teacher, "bank_bg": extra_aux["bank_bg"],
+          "bank_fg": extra_aux["bank_fg"]}
+
+
+def export_variables(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any
+                     ) -> dict[str, Any]:
+  """The EMA teacher (`export='teacher'`, the reference) or the student."""
+  if s.export == "teacher":
+    return dict(extra["teacher"])
+  return {"params": params, "batch_stats": batch_stats}
+
+
 def make_csrm_method(config: Any, num_classes: int, *,
                      model: nn.Module | None = None) -> base.Method:
   """CSRM as a `Method` (reads `config.csrm`, `config.model`, `config.train.num_steps`)."""
   cfg = config.csrm
-  _check(cfg)
+  s = csrm_settings(config, num_classes)
   load_pretrained = None
   if model is None:
     from wsss_jax import models  # pylint: disable=import-outside-toplevel
@@ -135,185 +343,11 @@ def make_csrm_method(config: Any, num_classes: int, *,
         norm=cfg.head_norm, head_width=int(cfg.head_width))
     if config.model.get("pretrained", False):
       load_pretrained = lambda variables: models.load_pretrained(config.model, variables)
-  c = num_classes
-  spe = int(cfg.steps_per_epoch)
-  num_epochs = max(-(-int(config.train.num_steps) // spe), 1)
-  warmup = int(cfg.warmup_epochs)
-  ls = float(cfg.label_smoothing)
-  nq, nn_ = int(cfg.num_queries), int(cfg.num_negatives)
-  ac = bool(cfg.align_corners)
-
-  def init_extra(rng, variables):
-    dim = int(cfg.rep_dim)
-    item = jnp.zeros((dim,), jnp.float32)
-    fg = jax.vmap(lambda _: memory.fifo_init(int(cfg.bank_size_fg), item))(jnp.arange(c - 1))
-    return {"teacher": {"params": variables["params"],
-                        "batch_stats": variables["batch_stats"]},
-            "bank_bg": memory.fifo_init(int(cfg.bank_size_bg), item), "bank_fg": fg,
-            "key": jax.random.key_data(rng)}
-
-  def loss(params, batch_stats, extra, batch, rng, step, ctx: base.StepContext):
-    images, labels = batch["image"], batch["labels"].astype(jnp.float32)
-    if cfg.unlabeled == "duplicate":  # every image once as L and once as U, interleaved
-      images = jnp.repeat(images, 2, axis=0)
-      labels = jnp.repeat(labels, 2, axis=0)
-    nb = images.shape[0]
-    if nb % 2:
-      raise ValueError(f"config.data.batch_size: CSRM's L/U split needs an even batch per "
-                       f"device, got {nb} (or use config.csrm.unlabeled='duplicate')")
-    size = images.shape[1:3]
-    # Row parity is the same for local and global indices (even per-device batches).
-    is_u = (jnp.arange(nb) % 2) == 1
-    sched = L.schedule(step, spe, num_epochs, warmup)
-    key = jax.random.fold_in(jax.random.wrap_key_data(extra["key"]), step)
-    k_mix, k_anchor, k_neg = jax.random.split(key, 3)
-    k_drop_s, k_drop_t = jax.random.split(rng)
-    teacher = jax.lax.stop_gradient(extra["teacher"])
-    up = lambda x: resize.resize_bilinear(x, size, align_corners=ac)
-
-    # 1-2. Teacher (eval) -> CAM pseudo masks.
-    t1, _ = ctx.apply(teacher["params"], teacher["batch_stats"], images, train=False)
-    rgb = transforms.denormalize(images, as_uint8=False)
-    y_cam = L.cam_pseudo_masks(t1["class_cams"], labels, rgb, float(cfg.fg_threshold),
-                               float(cfg.bg_threshold), use_crf=bool(cfg.use_crf),
-                               crf_iters=int(cfg.crf_iters), gt_prob=float(cfg.crf_gt_prob),
-                               align_corners=ac)
-    s_t = up(t1["seg_logits"])
-
-    # 3. ClassMix on the global batch (shared key), then back to this device's rows.
-    extras = {"s_t": s_t}
-    if cfg.teacher_pass2 == "none":
-      extras.update(s_t4=t1["seg_logits"], r_t=t1["rep"])
-    g = _gather(ctx, (images, y_cam, labels, extras))
-    g_img, g_y, g_lab, g_ext, paste = classmix_ops.classmix(
-        k_mix, *g, num_classes=c, prob=float(cfg.classmix_prob))
-    images, y_cam, labels, extras = jax.tree.map(lambda x: _local_rows(ctx, x, nb),
-                                                 (g_img, g_y, g_lab, g_ext))
-    s_t = extras["s_t"]
-
-    # 4. Label-masked teacher probabilities.
-    mask_labels = labels if cfg.unlabeled_use_labels else jnp.where(
-        is_u[:, None], 1.0, labels)
-    p_t = L.label_masked_probs(s_t, mask_labels)
-    yhat_t = jnp.argmax(p_t, axis=-1).astype(jnp.int32)
-
-    # 5. Student.
-    s_out, new_bs = ctx.apply(params, batch_stats, images, train=True,
-                              rngs={"dropout": k_drop_s})
-    s_s = up(s_out["seg_logits"])
-
-    # 6. Teacher second pass (train mode: dropout, batch statistics not kept).
-    if cfg.teacher_pass2 == "none":
-      s_t4, r_t = extras["s_t4"], extras["r_t"]
-    else:
-      t2, _ = ctx.apply(teacher["params"], teacher["batch_stats"], images,
-                        train=cfg.teacher_pass2 == "train", rngs={"dropout": k_drop_t})
-      s_t4, r_t = t2["seg_logits"], t2["rep"]
-    s_t4, r_t = jax.lax.stop_gradient((s_t4, r_t))
-    prob_t4 = jax.nn.softmax(s_t4, axis=-1)
-
-    # 7a. L_c (all images, smoothed labels), L_c2s (L images), L_s2c (all images).
-    l_c = jnp.mean(L.classification_loss(s_out["logits"], labels, ls))
-    gmean = lambda sc: ctx.psum(sc[0]) / jnp.maximum(ctx.psum(sc[1]), 1.0)
-    l_c2s = gmean(L.ce_sum_count(s_s, L.c2s_targets(y_cam, ~is_u), ls))
-    z, y_s2c = L.s2c_logits_targets(s_s, s_out["class_cams"], p_t,
-                                    float(cfg.s2c_threshold), ac)
-    l_s2c = gmean(L.ce_sum_count(z, y_s2c, ls))
-
-    # 7b. L_u: U images, entropy-percentile dropping on the global batch.
-    ent_full = (L.entropy(jax.nn.softmax(up(s_t4), axis=-1))
-                if cfg.teacher_pass2 != "none" else L.entropy(jax.nn.softmax(s_t, axis=-1)))
-    g_yhat, g_ent, g_u = _gather(ctx, (yhat_t, ent_full, is_u))
-    y_u, weight_u = L.unsup_targets(g_yhat, g_ent, g_u, sched.drop_percent)
-    y_u = _local_rows(ctx, y_u, nb)
-    l_u = weight_u * gmean(L.ce_sum_count(s_s, y_u))
-
-    # 7c. L_contra at stride 4 on the global batch.
-    h4 = s_t4.shape[1:3]
-    lab4 = jnp.where(is_u[:, None, None], yhat_t, y_cam)
-    lab4 = resize.resize_nearest(lab4, h4, half_pixel=False)
-    ent4 = L.entropy(prob_t4)
-    g_lab4, g_prob4, g_ent4, g_labels, g_rt = _gather(ctx, 
-        (lab4, prob_t4, ent4, labels, r_t))
-    masks = L.contrast_masks(g_lab4, g_prob4, g_ent4, g_u, g_labels, sched.alpha_percent,
-                             low_rank=int(cfg.low_rank), high_rank=int(cfg.high_rank),
-                             positive_threshold=float(cfg.positive_threshold),
-                             negative_threshold=float(cfg.negative_threshold),
-                             unlabeled_use_labels=bool(cfg.unlabeled_use_labels))
-    dim = g_rt.shape[-1]
-    keys_flat = g_rt.reshape(-1, dim)
-    proto_count = jnp.sum(masks.proto, axis=1)
-    protos = (masks.proto.astype(jnp.float32) @ keys_flat) / jnp.maximum(
-        proto_count, 1)[:, None]
-    # Queues: enqueue this step's negatives (after warm-up), then sample from them (U²PL
-    # samples after the enqueue).
-    active = sched.active > 0
-
-    def enqueue(bank, neg):
-      # Only the newest Q masked keys can survive: move Q features, not all N.
-      sel, ok = L.newest_masked(neg, memory.capacity(bank))
-      return memory.fifo_enqueue(bank, keys_flat[sel], ok & active)
-
-    bank_bg = enqueue(extra["bank_bg"], masks.negative[0])
-    bank_fg = jax.vmap(enqueue)(extra["bank_fg"], masks.negative[1:])
-    kb, kf = jax.random.split(k_neg)
-    neg_bg, ok_bg = memory.fifo_sample(bank_bg, kb, nq * nn_)
-    neg_fg, ok_fg = jax.vmap(lambda b, k: memory.fifo_sample(b, k, nq * nn_))(
-        bank_fg, jax.random.split(kf, c - 1))
-    negatives = jnp.concatenate([neg_bg[None], neg_fg], axis=0).reshape(c, nq, nn_, dim)
-    neg_ok = jnp.concatenate([ok_bg[None], ok_fg])
-    idx, anchor_ok = jax.vmap(lambda m, k: masked_categorical(k, m, nq))(
-        masks.anchor, jax.random.split(k_anchor, c))
-    r_s = s_out["rep"].reshape(-1, dim)
-    anchors = _gather_rows(ctx, r_s, idx)
-    class_valid = proto_count > 0
-    used = class_valid & anchor_ok & neg_ok
-    l_con = L.contrast_loss(anchors, anchor_ok, protos, class_valid, negatives, neg_ok,
-                            float(cfg.temperature))
-    if cfg.contrast_norm == "used":
-      n_valid = jnp.sum(class_valid).astype(jnp.float32)
-      l_con = l_con * n_valid / jnp.maximum(jnp.sum(used).astype(jnp.float32), 1.0)
-
-    total = (cfg.w_c * l_c + cfg.w_c2s * l_c2s + cfg.w_s2c * sched.w_s2c * l_s2c
-             + sched.active * (cfg.w_u * l_u + cfg.w_contra * l_con))
-    labelled = (y_cam != L.IGNORE)
-    metrics = {
-        "l_c": l_c, "l_c2s": l_c2s, "l_s2c": l_s2c, "l_u": l_u, "l_contra": l_con,
-        "w_s2c": sched.w_s2c, "active": sched.active, "drop_percent": sched.drop_percent,
-        "alpha_percent": sched.alpha_percent,
-        "mixed": jnp.any(paste).astype(jnp.float32),
-        "cam_labelled_fraction": jnp.mean(labelled.astype(jnp.float32)),
-        "cam_fg_fraction": jnp.mean((labelled & (y_cam > 0)).astype(jnp.float32)),
-        "u_kept_fraction": (jnp.sum(y_u != L.IGNORE).astype(jnp.float32),
-                            jnp.sum(jnp.broadcast_to(is_u[:, None, None], y_u.shape))
-                            .astype(jnp.float32)),
-        "contrast_valid_classes": jnp.sum(class_valid).astype(jnp.float32),
-        "contrast_used_classes": jnp.sum(used).astype(jnp.float32),
-        "bank_fill_fg": jnp.mean(bank_fg.count / int(cfg.bank_size_fg)),
-        "bank_fill_bg": bank_bg.count / int(cfg.bank_size_bg),
-    }
-    aux = {"bank_bg": bank_bg, "bank_fg": bank_fg}
-    return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=aux)
-
-  def update_extra(extra, params, batch_stats, extra_aux, step, ctx):
-    del ctx
-    d = L.ema_decay(step, spe, warmup, bool(cfg.ema_copy_inclusive),
-                    float(cfg.ema_max_decay))
-    ema = lambda t, s: (d * t + (1.0 - d) * s).astype(t.dtype)
-    teacher = {"params": jax.tree.map(ema, extra["teacher"]["params"], params),
-               "batch_stats": jax.tree.map(ema, extra["teacher"]["batch_stats"],
-                                           batch_stats)}
-    return {**extra, "teacher": teacher, "bank_bg": extra_aux["bank_bg"],
-            "bank_fg": extra_aux["bank_fg"]}
-
-  def export_variables(params, batch_stats, extra):
-    if cfg.export == "teacher":
-      return dict(extra["teacher"])
-    return {"params": params, "batch_stats": batch_stats}
-
-  return base.Method(name="csrm", model=model, loss=loss, init_extra=init_extra,
-                     update_extra=update_extra, load_pretrained=load_pretrained,
-                     export_variables=export_variables)
+  return base.Method(name="csrm", model=model, loss=functools.partial(loss, s),
+                     init_extra=functools.partial(init_extra, s),
+                     update_extra=functools.partial(update_extra, s),
+                     load_pretrained=load_pretrained,
+                     export_variables=functools.partial(export_variables, s))
 
 
 def default_csrm_config() -> dict[str, Any]:

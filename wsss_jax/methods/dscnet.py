@@ -40,6 +40,8 @@ fusion). Model outputs `logits`/`cams` are the refined ones (Eq. 11–12) when f
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -48,126 +50,18 @@ import jax.numpy as jnp
 
 from wsss_jax.methods import base
 from wsss_jax.methods import cam as cam_method
-from wsss_jax.models.heads import CAMHead, backbone_pointwise_impl
+from wsss_jax.models import dscnet_net
+from wsss_jax.models.dscnet_net import DSCNetR
+from wsss_jax.ops import losses
 from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import group_contrast as gc
+from wsss_jax.ops.norms import l2_normalize
 
 VARIANTS = ("full", "independent", "pgcl_only", "sgcl_only")
 PGCL_MODES = ("group", "pixel")
 CAMS_OUTPUTS = ("auto", "refined", "plain")
 LABEL_SOURCES = ("cam", "refined")
-_KEY_SALT = 0xD5C  # decorrelates the k-means seeds from other uses of config.seed
-
-
-class DSCNetR(nn.Module):
-  """Backbone + CAM head (+ groups, class nodes and the fused refined-CAM head).
-
-  Call: `(images [B, H, W, 3], train, labels=None [B, C-1], kmeans_keys=None [B] keys)` ->
-  dict (float32):
-    `logits` [B, C-1], `cams` [B, h, w, C-1] (refined or plain, see `cams_output`);
-    `plain_logits`, `plain_cams`; `features` [B, h, w, D]; `valid` bool [B, h, w];
-    with groups: `assign` int32 [B, N] (N = h*w, -1 on padding), `group_emb` [B, K, D]
-    (L2-normalised, K = C slots), `group_valid` bool [B, K]; with class nodes:
-    `class_nodes` [C, D] (normalised; 0 = background), `group_class_logits` [B, K, C];
-    with fusion: `refined_logits`, `refined_cams`.
-  Groups are computed when `use_fusion` (always) or `train and use_groups`.
-
-  Attributes:
-    backbone: returns `{'out': [B, h, w, D], ...}` (registry) or the array itself.
-    num_classes: C with background.
-  """
-  backbone: nn.Module
-  num_classes: int
-  use_groups: bool = True
-  use_class_nodes: bool = True
-  use_fusion: bool = True
-  cams_output: str = "refined"  # 'refined' | 'plain'
-  kmeans_space: str = "pearson"
-  kmeans_iters: int = 10
-  kmeans_init: str = "kmeans++"
-  extra_groups: int = 1
-  sgcl_temperature: float = 0.1
-  class_nodes_grad: bool = True
-  fusion_temperature: float = 0.1
-  fusion_combine: str = "sum"
-  ignore_zero_padding: bool = True
-  pool: str = "gap"
-  tap_threshold: float = 0.1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False, labels: jax.Array | None = None,
-               kmeans_keys: jax.Array | None = None) -> dict[str, jax.Array]:
-    feats = self.backbone(images, train=train)
-    feats = feats["out"] if isinstance(feats, dict) else feats
-    f = feats.astype(jnp.float32)
-    b, h, w, d = f.shape
-    k_max, n = self.num_classes, h * w
-    head = CAMHead(self.num_classes - 1, self.pool, self.tap_threshold, self.dtype,
-                   backbone_pointwise_impl(self.backbone), name="cam_head")
-    plain = head(feats)
-    valid = (gc.valid_cells(images, (h, w)) if self.ignore_zero_padding
-             else jnp.ones((b, h, w), bool))
-    out = {"logits": plain["logits"], "cams": plain["cams"], "plain_logits": plain["logits"],
-           "plain_cams": plain["cams"], "features": f, "valid": valid}
-    # Initialisation creates every parameter (`bg_node`) whatever the call path.
-    if not (self.use_fusion or ((train or self.is_initializing()) and self.use_groups)):
-      return out
-
-    if labels is None:  # inference: the classes the classifier predicts on the real cells
-      v = valid[..., None].astype(jnp.float32)
-      scores = jnp.sum(plain["cams"] * v, (1, 2)) / jnp.maximum(jnp.sum(v, (1, 2)), 1.0)
-      present = scores > 0.0
-    else:
-      present = labels > 0.5
-    num_groups = jnp.minimum(jnp.sum(present, -1) + self.extra_groups, k_max)
-    if kmeans_keys is None:
-      kmeans_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(_KEY_SALT), i))(
-          jnp.arange(b))
-    points, spherical = gc.kmeans_points(jax.lax.stop_gradient(f), self.kmeans_space)
-    mask = valid.reshape(b, n)
-    res = jax.vmap(lambda key, p, m, k: gc.group_pixels(
-        key, p, m, k, k_max=k_max, num_iters=self.kmeans_iters, spherical=spherical,
-        init=self.kmeans_init))(
-            kmeans_keys, points.reshape(b, n, -1), mask, num_groups)
-    assign = jax.lax.stop_gradient(res.assign)
-    means, counts = jax.vmap(lambda x, a: gc.group_means(x, a, k_max))(f.reshape(b, n, d),
-                                                                         assign)
-    out.update(assign=assign, group_emb=gc.l2_normalize(means), group_valid=counts > 0)
-    if not (self.use_class_nodes or self.use_fusion):
-      return out
-
-    # Class nodes: the CAM classifier's weights (C-1 foreground) and a learned background.
-    kernel = head.variables["params"]["classifier"]["kernel"].reshape(d, -1).T  # [C-1, D]
-    if not self.class_nodes_grad:  # SGCL then leaves the CAM classifier to L_cls alone
-      kernel = jax.lax.stop_gradient(kernel)
-    bg = self.param("bg_node", nn.initializers.normal(1.0), (d,), jnp.float32)
-    nodes = gc.l2_normalize(jnp.concatenate([bg[None], kernel.astype(jnp.float32)], 0))
-    logits_kc = gc.class_logits(means, nodes, self.sgcl_temperature)  # [B, K, C]
-    out.update(class_nodes=nodes, group_class_logits=logits_kc)
-    if not self.use_fusion:
-      return out
-
-    probs = jax.nn.softmax(logits_kc, axis=-1)
-    pix_probs = jnp.take_along_axis(probs, jnp.maximum(assign, 0)[..., None], axis=1)
-    pearson = gc.pearson_normalize(f).reshape(b, n, d)
-
-    def fuse(x, p, q, m):
-      a_pix = gc.pixel_affinity(p, m, self.fusion_temperature)
-      a_sem = gc.semantic_affinity(q, m)
-      return gc.fuse_features(x, a_pix, a_sem, m, self.fusion_combine)
-
-    fprime = jax.vmap(fuse)(f.reshape(b, n, d), pearson, pix_probs, mask).reshape(b, h, w, d)
-    fhat = jnp.concatenate([f, fprime], axis=-1).astype(self.dtype)
-    refined = CAMHead(self.num_classes - 1, self.pool, self.tap_threshold, self.dtype,
-                      backbone_pointwise_impl(self.backbone), name="refined_head")(fhat)
-    out.update(refined_logits=refined["logits"], refined_cams=refined["cams"])
-    if self.cams_output == "refined":
-      out.update(logits=refined["logits"], cams=refined["cams"])
-    return out
-
-
 def dscnet_config(variant: str = "full", pgcl_mode: str = "group",
                   pixel_num_samples: int = 0) -> dict[str, Any]:
   """`config.dscnet_r`: the defaults of METHODS.md §4.5, §4.9 (see the module docstring)
@@ -237,6 +131,103 @@ def validate_config(cfg: Any) -> None:
                      "pixel_num_samples >= 0 are required")
 
 
+@dataclasses.dataclass(frozen=True)
+class DSCNetSettings:
+  """`config.dscnet_r` resolved for `loss` (the variant's switches and the weights)."""
+  num_classes: int
+  seed: int
+  use_pgcl: bool
+  use_sgcl: bool
+  use_fusion: bool
+  pgcl_mode: str
+  pixel_num_samples: int
+  lambda_pgcl: float
+  lambda_sgcl: float
+  baseline_cls_weight: float
+  refined_cls_weight: float
+  label_source: str
+  pseudo_bg_threshold: float
+  pgcl_temperature: float
+  sgcl_temperature: float
+
+
+def loss(s: DSCNetSettings, params: Any, batch_stats: Any, extra: Any,
+         batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array,
+         ctx: base.StepContext) -> tuple[jax.Array, base.LossAux]:
+  """The DSCNet-R loss of one step (module docstring); see `base.Method`."""
+  del extra, rng
+  num_classes = s.num_classes
+  images, labels = batch["image"], batch["labels"]
+  b = images.shape[0]
+  global_index = ctx.global_index(b)  # the image's index in the global batch
+  step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(s.seed), dscnet_net.KEY_SALT), step)
+  keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(global_index)
+  out, new_bs = ctx.apply(params, batch_stats, images, labels=labels, kmeans_keys=keys)
+  valid = out["valid"]
+  metrics = dict(cam_method.cam_metrics(out["plain_logits"], labels))
+  l_cls = jnp.mean(losses.multilabel_soft_margin_loss(out["plain_logits"], labels))
+  total = s.baseline_cls_weight * l_cls
+  metrics["loss_cls"] = l_cls
+  if s.use_fusion:
+    l_ref = jnp.mean(losses.multilabel_soft_margin_loss(out["refined_logits"], labels))
+    total += s.refined_cls_weight * l_ref
+    metrics["loss_refined_cls"] = l_ref
+    metrics.update({f"refined_{k}": v for k, v in cam_method.cam_metrics(
+        out["refined_logits"], labels).items() if k in ("accuracy", "exact_match")})
+
+  # Eq. 2 pseudo labels (targets only): 0 = background, 255 on padding cells.
+  src = out["refined_cams"] if s.label_source == "refined" else out["plain_cams"]
+  ncam = cam_ops.normalize_cams(jax.nn.relu(jax.lax.stop_gradient(src)), labels, valid)
+  y = cam_ops.cams_to_labels(ncam, labels, s.pseudo_bg_threshold, valid)
+  y = y.reshape(b, -1)
+  metrics["pseudo_fg_fraction"] = (jnp.sum((y > 0) & (y < 255)),
+                                   jnp.sum(y < 255))
+  if "assign" in out:
+    k_max = num_classes
+    g_lab = jax.vmap(lambda p, a: gc.group_labels(p, a, k_max, num_classes))(y, out["assign"])
+    g_valid = out["group_valid"]
+    metrics["groups_per_image"] = jnp.mean(jnp.sum(g_valid, -1).astype(jnp.float32))
+
+  if s.use_pgcl:
+    if s.pgcl_mode == "group":
+      emb, lab, ok = out["group_emb"], g_lab, g_valid                   # [B, K, ...]
+    else:
+      emb = l2_normalize(out["features"]).reshape(b, y.shape[1], -1)
+      lab, ok = y, valid.reshape(b, -1)
+      if s.pixel_num_samples > 0:
+        idx, any_ok = jax.vmap(lambda k, m: contrastive.masked_categorical(
+            jax.random.fold_in(k, 1), m, s.pixel_num_samples))(keys, ok)
+        emb = jnp.take_along_axis(emb, idx[..., None], axis=1)
+        lab = jnp.take_along_axis(lab, idx, axis=1)
+        ok = jnp.broadcast_to(any_ok[:, None], idx.shape)
+    per = emb.shape[1]
+    ids = global_index[:, None] * per + jnp.arange(per)[None, :]        # global item ids
+    flat = lambda x: x.reshape((b * per,) + x.shape[2:])
+    k_emb, k_lab, k_ok, k_ids = ctx.all_gather((flat(emb), flat(lab), flat(ok), flat(ids)))
+    l_a, has_pos = gc.multi_positive_nce(flat(emb), flat(lab), flat(ids), k_emb, k_lab, k_ok,
+                                         k_ids, s.pgcl_temperature)
+    has_pos = has_pos & flat(ok)
+    l_pgcl = _image_mean(l_a.reshape(b, per), has_pos.reshape(b, per), ctx)
+    total += s.lambda_pgcl * l_pgcl
+    metrics["loss_pgcl"] = l_pgcl
+    metrics["pgcl_anchor_fraction"] = (jnp.sum(has_pos), jnp.sum(flat(ok)))
+
+  if s.use_sgcl:
+    nodes, emb = out["class_nodes"], out["group_emb"]
+    k = emb.shape[1]
+    anchors = emb.reshape(b * k, -1)
+    target = g_lab.reshape(-1)
+    negatives = jnp.broadcast_to(nodes[None], (b * k,) + nodes.shape)
+    neg_mask = target[:, None] != jnp.arange(num_classes)[None, :]
+    l_g = contrastive.info_nce(anchors, nodes[target], negatives,
+                               s.sgcl_temperature, negative_mask=neg_mask)
+    l_sgcl = _image_mean(l_g.reshape(b, k), g_valid, ctx)
+    total += s.lambda_sgcl * l_sgcl
+    metrics["loss_sgcl"] = l_sgcl
+
+  return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=None)
+
+
 def make_dscnet_method(config: Any, num_classes: int, *,
                        backbone: nn.Module | None = None) -> base.Method:
   """DSCNet-R as a `Method` (no extra state).
@@ -284,79 +275,14 @@ def make_dscnet_method(config: Any, num_classes: int, *,
       ignore_zero_padding=bool(r.ignore_zero_padding),
       pool=model_cfg.get("pool", "gap"), tap_threshold=float(model_cfg.get("tap_threshold", 0.1)),
       dtype=dtype)
-  seed = int(config.get("seed", 0))
-
-  def loss(params, batch_stats, extra, batch, rng, step, ctx: base.StepContext):
-    del extra
-    images, labels = batch["image"], batch["labels"]
-    b = images.shape[0]
-    dev = 0 if ctx.axis_name is None else jax.lax.axis_index(ctx.axis_name)
-    global_index = dev * b + jnp.arange(b)  # the image's index in the global batch
-    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _KEY_SALT), step)
-    keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(global_index)
-    out, new_bs = ctx.apply(params, batch_stats, images, labels=labels, kmeans_keys=keys)
-    valid = out["valid"]
-    metrics = dict(cam_method.cam_metrics(out["plain_logits"], labels))
-    l_cls = jnp.mean(cam_method.multilabel_soft_margin_loss(out["plain_logits"], labels))
-    total = float(r.baseline_cls_weight) * l_cls
-    metrics["loss_cls"] = l_cls
-    if use_fusion:
-      l_ref = jnp.mean(cam_method.multilabel_soft_margin_loss(out["refined_logits"], labels))
-      total += float(r.refined_cls_weight) * l_ref
-      metrics["loss_refined_cls"] = l_ref
-      metrics.update({f"refined_{k}": v for k, v in cam_method.cam_metrics(
-          out["refined_logits"], labels).items() if k in ("accuracy", "exact_match")})
-
-    # Eq. 2 pseudo labels (targets only): 0 = background, 255 on padding cells.
-    src = out["refined_cams"] if r.label_source == "refined" else out["plain_cams"]
-    ncam = cam_ops.normalize_cams(jax.nn.relu(jax.lax.stop_gradient(src)), labels, valid)
-    y = cam_ops.cams_to_labels(ncam, labels, float(r.pseudo_bg_threshold), valid)
-    y = y.reshape(b, -1)
-    metrics["pseudo_fg_fraction"] = (jnp.sum((y > 0) & (y < 255)),
-                                     jnp.sum(y < 255))
-    if "assign" in out:
-      k_max = num_classes
-      g_lab = jax.vmap(lambda p, a: gc.group_labels(p, a, k_max, num_classes))(y, out["assign"])
-      g_valid = out["group_valid"]
-      metrics["groups_per_image"] = jnp.mean(jnp.sum(g_valid, -1).astype(jnp.float32))
-
-    if use_pgcl:
-      if cfg.pgcl_mode == "group":
-        emb, lab, ok = out["group_emb"], g_lab, g_valid                   # [B, K, ...]
-      else:
-        emb = gc.l2_normalize(out["features"]).reshape(b, y.shape[1], -1)
-        lab, ok = y, valid.reshape(b, -1)
-        if cfg.pixel_num_samples > 0:
-          idx, any_ok = jax.vmap(lambda k, m: contrastive.masked_categorical(
-              jax.random.fold_in(k, 1), m, int(cfg.pixel_num_samples)))(keys, ok)
-          emb = jnp.take_along_axis(emb, idx[..., None], axis=1)
-          lab = jnp.take_along_axis(lab, idx, axis=1)
-          ok = jnp.broadcast_to(any_ok[:, None], idx.shape)
-      per = emb.shape[1]
-      ids = global_index[:, None] * per + jnp.arange(per)[None, :]        # global item ids
-      flat = lambda x: x.reshape((b * per,) + x.shape[2:])
-      k_emb, k_lab, k_ok, k_ids = ctx.all_gather((flat(emb), flat(lab), flat(ok), flat(ids)))
-      l_a, has_pos = gc.multi_positive_nce(flat(emb), flat(lab), flat(ids), k_emb, k_lab, k_ok,
-                                           k_ids, float(r.pgcl_temperature))
-      has_pos = has_pos & flat(ok)
-      l_pgcl = _image_mean(l_a.reshape(b, per), has_pos.reshape(b, per), ctx)
-      total += float(cfg.lambda_pgcl) * l_pgcl
-      metrics["loss_pgcl"] = l_pgcl
-      metrics["pgcl_anchor_fraction"] = (jnp.sum(has_pos), jnp.sum(flat(ok)))
-
-    if use_sgcl:
-      nodes, emb = out["class_nodes"], out["group_emb"]
-      k = emb.shape[1]
-      anchors = emb.reshape(b * k, -1)
-      target = g_lab.reshape(-1)
-      negatives = jnp.broadcast_to(nodes[None], (b * k,) + nodes.shape)
-      neg_mask = target[:, None] != jnp.arange(num_classes)[None, :]
-      l_g = contrastive.info_nce(anchors, nodes[target], negatives,
-                                 float(r.sgcl_temperature), negative_mask=neg_mask)
-      l_sgcl = _image_mean(l_g.reshape(b, k), g_valid, ctx)
-      total += float(cfg.lambda_sgcl) * l_sgcl
-      metrics["loss_sgcl"] = l_sgcl
-
-    return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=None)
-
-  return base.Method(name="dscnet_r", model=model, loss=loss, load_pretrained=load_pretrained)
+  settings = DSCNetSettings(
+      num_classes=num_classes, seed=int(config.get("seed", 0)), use_pgcl=use_pgcl,
+      use_sgcl=use_sgcl, use_fusion=use_fusion, pgcl_mode=str(cfg.pgcl_mode),
+      pixel_num_samples=int(cfg.pixel_num_samples), lambda_pgcl=float(cfg.lambda_pgcl),
+      lambda_sgcl=float(cfg.lambda_sgcl), baseline_cls_weight=float(r.baseline_cls_weight),
+      refined_cls_weight=float(r.refined_cls_weight), label_source=str(r.label_source),
+      pseudo_bg_threshold=float(r.pseudo_bg_threshold),
+      pgcl_temperature=float(r.pgcl_temperature),
+      sgcl_temperature=float(r.sgcl_temperature))
+  return base.Method(name="dscnet_r", model=model, loss=functools.partial(loss, settings),
+                     load_pretrained=load_pretrained)

@@ -49,9 +49,11 @@ import jax.numpy as jnp
 
 from wsss_jax.methods import base
 from wsss_jax.methods import cam
+from wsss_jax.ops import losses
 from wsss_jax.ops import fbr_losses as F
 from wsss_jax.ops import memory
 from wsss_jax.ops import prototypes as proto_ops
+from wsss_jax.ops.norms import l2_normalize
 
 # Loss weights and temperatures: the paper's (Eq. 10, §IV-A) and the released code's.
 PAPER = dict(lambda_fb=0.1, lambda_if=0.01, lambda_seg=0.01, lambda_sim=0.0, tau_fb=0.5,
@@ -147,26 +149,6 @@ def settings_from_config(config: Any) -> FBRSettings:
   return FBRSettings(**{k: cast[types[k]](v) for k, v in raw.items()})
 
 
-def _local_rows(x: jax.Array, n_local: int, ctx: base.StepContext) -> jax.Array:
-  """This device's rows of a global-batch array (all rows under jit)."""
-  if ctx.axis_name is None:
-    return x
-  start = jax.lax.axis_index(ctx.axis_name) * n_local
-  return jax.lax.dynamic_slice_in_dim(x, start, n_local, axis=0)
-
-
-def _gather(x: Any, ctx: base.StepContext) -> Any:
-  """Global-batch copy of a detached per-device pytree, the same on every device.
-
-  `lax.all_gather` results are typed device-varying under `check_vma`; a `pmax` over
-  identical copies is exact and makes them invariant, as the replicated bank needs.
-  """
-  if ctx.axis_name is None:
-    return x
-  g = ctx.all_gather(x)
-  return jax.tree.map(lambda a: jax.lax.pmax(a, ctx.axis_name), g)
-
-
 def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extra: Any,
               key: jax.Array, ctx: base.StepContext) -> tuple[dict, dict, dict]:
   """The FBR losses of one step from the model outputs.
@@ -188,11 +170,12 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   seeds = F.seed_labels(m, s.seed_bg_threshold)                         # [n]
   z_fg = out["proj_fg"].reshape(n, -1)
   d = z_fg.shape[-1]
-  q = F.l2_normalize(z_fg)                                              # anchors (grad)
+  q = l2_normalize(z_fg)                                              # anchors (grad)
   z_bg = jax.lax.stop_gradient(out["proj_bg"]).reshape(b, hw, d)
 
   k_km, k_bank, k_uc, k_up = jax.random.split(key, 4)
-  g = _gather({"z": jax.lax.stop_gradient(z_fg), "m": m, "seeds": seeds, "z_bg": z_bg}, ctx)
+  g = ctx.all_gather_invariant({"z": jax.lax.stop_gradient(z_fg), "m": m, "seeds": seeds,
+                                "z_bg": z_bg})
   n_global = g["seeds"].shape[0]
   b_global = n_global // hw
   # NROIs of every image of the global batch. Each device clusters the whole gathered
@@ -213,7 +196,7 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   pool_cls = g["seeds"] - 1                                             # -1 = background
   has_pixels = jnp.sum(jax.nn.one_hot(pool_cls, k, dtype=jnp.int32), axis=0) > 0
   c_ok = p_valid & has_pixels
-  p = F.l2_normalize(protos)
+  p = l2_normalize(protos)
   qc = jnp.maximum(seeds - 1, 0)
   if s.query_rule == "unsure":
     is_q = F.unsure_query_mask(m.reshape(b, hw, k), seeds.reshape(b, hw),
@@ -227,19 +210,19 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   negs, ok = memory.fifo_sample(bank, k_bank, s.num_bank_negatives)
   a_fb = jax.lax.stop_gradient(q) if s.code_compat else q
   pos_fb = jnp.sum(a_fb * p[qc], axis=-1) / s.tau_fb
-  neg_fb = a_fb @ F.l2_normalize(negs).T / s.tau_fb
+  neg_fb = a_fb @ l2_normalize(negs).T / s.tau_fb
   l_fb = F.info_nce_from_logits(pos_fb, neg_fb, jnp.broadcast_to(ok, (s.num_bank_negatives,)))
   fb_sum, fb_cnt = ctx.psum(F.class_sums(l_fb, qc, is_q, k))
 
   # Active sampling (Eq. 8) + L_IF (Eq. 9) against detached pixels of the global batch.
   probs = F.active_class_probs(p, c_ok, s.active_temperature)
   shape = (n_global, s.num_fg_negatives)
-  u_c = _local_rows(jax.random.uniform(k_uc, shape), n, ctx)
-  u_p = _local_rows(jax.random.uniform(k_up, shape), n, ctx)
+  u_c = ctx.local_rows(jax.random.uniform(k_uc, shape), n)
+  u_p = ctx.local_rows(jax.random.uniform(k_up, shape), n)
   idx, _, ok_if = F.sample_active_negatives(probs[qc], pool_cls, u_c, u_p)
   # One [n, n_global] similarity matrix instead of gathering [n, M, D] negatives (39 MB for
   # 16 MSRC crops of 14x14; 1 GB for 16 VOC crops of 32x32 under jit).
-  sim = q @ F.l2_normalize(g["z"]).T
+  sim = q @ l2_normalize(g["z"]).T
   neg_if = jnp.take_along_axis(sim, idx, axis=1) / s.tau_if
   pos_if = jnp.sum(q * p[qc], axis=-1) / s.tau_if
   l_if = F.info_nce_from_logits(pos_if, neg_if, ok_if)
@@ -301,13 +284,13 @@ def make_fbr_method(config: Any, num_classes: int, *,
     kw = {"rngs": {"dropout": rng}} if s.bg_dropout > 0 else {}
     out, new_bs = ctx.apply(params, batch_stats, batch["image"], **kw)
     logits, labels = out["logits"], batch["labels"]
-    l_cls = jnp.mean(cam.multilabel_soft_margin_loss(logits, labels))
-    losses, fbr_metrics, new_extra = fbr_terms(s, out, labels, extra,
-                                               jax.random.fold_in(seed_key, step), ctx)
-    value = (l_cls + s.lambda_fb * losses["fb"] + s.lambda_if * losses["if"]
-             + s.lambda_seg * losses["seg"] + s.lambda_sim * losses["sim"])
+    l_cls = jnp.mean(losses.multilabel_soft_margin_loss(logits, labels))
+    terms, fbr_metrics, new_extra = fbr_terms(s, out, labels, extra,
+                                              jax.random.fold_in(seed_key, step), ctx)
+    value = (l_cls + s.lambda_fb * terms["fb"] + s.lambda_if * terms["if"]
+             + s.lambda_seg * terms["seg"] + s.lambda_sim * terms["sim"])
     metrics = {**cam.cam_metrics(logits, labels), **fbr_metrics, "loss_cls": l_cls,
-               **{f"loss_{name}": v for name, v in losses.items()}}
+               **{f"loss_{name}": v for name, v in terms.items()}}
     return value, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=new_extra)
 
   def update_extra(extra, params, batch_stats, extra_aux, step, ctx):

@@ -13,33 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from wsss_jax.methods import base
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import resize
+from wsss_jax.ops.losses import pixel_cross_entropy
 
-IGNORE = 255
 # config.seg.decoder -> models.build_model kind.
 DECODERS = {"deeplabv3plus": "deeplab", "light": "light_seg"}
-
-
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
-                        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Sum and count of per-pixel CE over labelled pixels.
-
-  Args:
-    logits: float [B, H, W, C].
-    labels: int [B, H, W] class ids, 255 = ignore.
-    label_smoothing: ε; the target is (1-ε)·onehot + ε/C.
-
-  Returns:
-    (sum of CE over valid pixels, number of valid pixels), float32 scalars.
-  """
-  num_classes = logits.shape[-1]
-  valid = labels != IGNORE
-  target = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes, dtype=jnp.float32)
-  if label_smoothing:
-    target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  ce = -jnp.sum(target * logp, axis=-1)
-  return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
 def make_seg_method(config: Any, num_classes: int, *,
@@ -67,7 +46,7 @@ def make_seg_method(config: Any, num_classes: int, *,
     # implementations give the same value even with unequal per-device counts.
     value = ctx.psum(total) / jnp.maximum(ctx.psum(count), 1.0)
     pred = jnp.argmax(logits, axis=-1)
-    valid = batch["mask"] != IGNORE
+    valid = batch["mask"] != IGNORE_INDEX
     correct = jnp.sum((pred == batch["mask"]) & valid).astype(jnp.float32)
     metrics = {"pixel_accuracy": (correct, count),
                "labelled_fraction": jnp.mean(valid.astype(jnp.float32))}

@@ -31,7 +31,9 @@ per image, and relation I is off).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,15 +41,16 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from wsss_jax.methods import base
-from wsss_jax.methods import seg as seg_method
-from wsss_jax.models.batch_norm import BatchNorm
+from wsss_jax.models.spml_net import SPMLNet
+from wsss_jax.ops import losses
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import kmeans as kmeans_ops
 from wsss_jax.ops import resize
 from wsss_jax.ops import segments as seg_ops
 from wsss_jax.ops import vmf_loss
+from wsss_jax.ops.norms import l2_normalize
 
-IGNORE = 255
 WEAK_LABELS = ("tags", "points", "scribbles", "boxes")
 # (lambda_I, lambda_A, lambda_C, lambda_O) per weak label: paper Table 5 and the released
 # code's scripts (METHODS.md §5.3 notes: the code uses ~0.3x the paper for tags/boxes).
@@ -108,51 +111,6 @@ def loss_weights(config: Any) -> dict[str, float]:
   return out
 
 
-class SPMLNet(nn.Module):
-  """Embedding network + softmax classifier on the detached embedding (module docstring).
-
-  Call: (images [B, H, W, 3], train) -> {'embedding': [B, h4, w4, D] unit norm,
-  'seg_logits': [B, h4, w4, C], 'cams': [B, h4, w4, C-1], 'logits': [B, C-1]} (float32;
-  h4 = the backbone's stride-4 size). With `train=True` it needs `rngs={'dropout': key}`.
-  `freeze_embedding`: the backbone runs in inference mode even when `train=True` (its
-  BatchNorm statistics stay fixed), so only the classifier trains (SPML's bootstrapped
-  classifiers on a trained embedding, `stages/spml_bootstrap.py`).
-  """
-  backbone: nn.Module
-  num_classes: int
-  embedding_dim: int = 64
-  aspp_rates: Sequence[int] = (6, 12, 18, 24)
-  classifier_hidden: int = 128
-  classifier_dropout: float = 0.75
-  dtype: Any = jnp.float32
-  freeze_embedding: bool = False
-
-  @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    feats = self.backbone(images, train=train and not self.freeze_embedding)
-    high, low = feats["out"], feats["stride4"]
-    emb = None
-    for i, r in enumerate(self.aspp_rates):  # ASPP-L: summed atrous branches, no norm
-      y = nn.Conv(self.embedding_dim, (3, 3), padding=((r, r), (r, r)),
-                  kernel_dilation=(r, r), dtype=self.dtype, name=f"embed_aspp{i}")(high)
-      emb = y if emb is None else emb + y
-    b, h, w = low.shape[:3]
-    emb = jax.image.resize(emb.astype(jnp.float32), (b, h, w, self.embedding_dim),
-                           "bilinear")
-    emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
-    # Classifier on the detached embedding: it never changes the metric space (§5.1).
-    x = nn.Conv(self.classifier_hidden, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype, name="classifier_conv")(jax.lax.stop_gradient(emb))
-    x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                  dtype=self.dtype, name="classifier_bn")(x)
-    x = nn.Dropout(self.classifier_dropout, deterministic=not train)(nn.relu(x))
-    seg_logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                         name="classifier_out")(x).astype(jnp.float32)
-    cams = seg_logits[..., 1:] - seg_logits[..., :1]
-    return {"embedding": emb, "seg_logits": seg_logits, "cams": cams,
-            "logits": jnp.mean(cams, axis=(1, 2))}
-
-
 def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None, *,
                 freeze_embedding: bool = False) -> SPMLNet:
   """SPMLNet from `config.model` and `config.spml` (`freeze_embedding`: see SPMLNet)."""
@@ -170,35 +128,6 @@ def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None
                  freeze_embedding)
 
 
-def _global_image_index(ctx: base.StepContext, local_batch: int) -> jax.Array:
-  """[b] index of each local image in the global batch (device-major under shard_map)."""
-  idx = jnp.arange(local_batch, dtype=jnp.int32)
-  if ctx.axis_name is None:
-    return idx
-  return jax.lax.axis_index(ctx.axis_name).astype(jnp.int32) * local_batch + idx
-
-
-def _gather_replicated(ctx: base.StepContext, x: jax.Array) -> jax.Array:
-  """`ctx.all_gather` whose result is typed device-invariant (for state under shard_map).
-
-  Each device writes its rows into a zero array of the global size and the arrays are
-  summed: exact (x + 0) and, unlike `all_gather`, accepted by the shard_map step's
-  replicated `out_specs` (`check_vma`).
-  """
-  if ctx.axis_name is None:
-    return x
-  n, idx = jax.lax.axis_size(ctx.axis_name), jax.lax.axis_index(ctx.axis_name)
-  kind = x.dtype
-  x = x.astype(jnp.int32) if kind == jnp.bool_ else x
-  full = jnp.zeros((n * x.shape[0],) + x.shape[1:], x.dtype)
-  full = jax.lax.dynamic_update_slice_in_dim(full, x, idx * x.shape[0], axis=0)
-  return jax.lax.psum(full, ctx.axis_name).astype(kind)
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def cluster_and_segment(emb: jax.Array, label: jax.Array, superpixel: jax.Array,
                         valid: jax.Array, *, grid: int, iters: int, max_segments: int,
                         num_labels: int, num_superpixels: int):
@@ -212,7 +141,7 @@ def cluster_and_segment(emb: jax.Array, label: jax.Array, superpixel: jax.Array,
   """
   h, w, d = emb.shape
   loc = seg_ops.location_features(h, w)
-  v = _normalize(jnp.concatenate([emb.reshape(-1, d), loc], axis=-1))
+  v = l2_normalize(jnp.concatenate([emb.reshape(-1, d), loc], axis=-1))
   vs = jax.lax.stop_gradient(v)
   mask = valid.reshape(-1)
   k = grid * grid
@@ -226,168 +155,207 @@ def cluster_and_segment(emb: jax.Array, label: jax.Array, superpixel: jax.Array,
   return table, v
 
 
+@dataclasses.dataclass(frozen=True)
+class SPMLSettings:
+  """`config.spml` resolved for the pure functions below (module docstring)."""
+  num_classes: int            # C; label C is "unlabeled"
+  max_segments: int
+  kmeans_grid: int
+  kmeans_iters: int
+  max_superpixels: int
+  memory_batches: int
+  pixels_per_image: int
+  global_batch: int           # data.batch_size (the memory holds global batches)
+  embedding_dim: int
+  seed: int
+  superpixel_method: str
+  weights: dict[str, float]   # `loss_weights`
+
+
+def spml_settings(config: Any, num_classes: int) -> SPMLSettings:
+  """Validates and resolves `config.spml` (with `data.batch_size`, `seed`)."""
+  sc = config.spml
+  s = SPMLSettings(
+      num_classes=num_classes, max_segments=int(sc.max_segments),
+      kmeans_grid=int(sc.kmeans_grid), kmeans_iters=int(sc.kmeans_iters),
+      max_superpixels=int(sc.max_superpixels), memory_batches=int(sc.memory_batches),
+      pixels_per_image=int(sc.pixels_per_image),
+      global_batch=int(config.data.batch_size), embedding_dim=int(sc.embedding_dim),
+      seed=int(config.get("seed", 0)), superpixel_method=str(sc.superpixels.method),
+      weights=loss_weights(config))
+  if s.memory_batches < 0 or s.max_segments < 1 or s.kmeans_grid < 1 or (
+      s.pixels_per_image < 0):
+    raise ValueError("config.spml: memory_batches, pixels_per_image must be >= 0 and "
+                     "max_segments, kmeans_grid >= 1")
+  return s
+
+
+def init_extra(settings: SPMLSettings, rng: jax.Array, variables: Any) -> Any:
+  """The memory of the last `memory_batches` batches' segment prototypes (empty)."""
+  del rng, variables
+  num_classes, s_max, n_mem = settings.num_classes, settings.max_segments, settings.memory_batches
+  global_batch, dim = settings.global_batch, settings.embedding_dim
+  if n_mem == 0:
+    return {}
+  p = global_batch * s_max
+  return {"memory": {"features": jnp.zeros((n_mem, p, dim), jnp.float32),
+                     "labels": jnp.zeros((n_mem, p), jnp.int32),
+                     "tags": jnp.zeros((n_mem, p, num_classes - 1), jnp.float32),
+                     "valid": jnp.zeros((n_mem, p), bool)}}
+
+
+def loss(settings: SPMLSettings, params: Any, batch_stats: Any, extra: Any,
+         batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array,
+         ctx: base.StepContext) -> tuple[jax.Array, base.LossAux]:
+  """The SPML loss of one step (module docstring); see `base.Method`."""
+  c = settings.num_classes            # labels < C are classes, C is "unlabeled"
+  num_classes, s_max, n_mem = c, settings.max_segments, settings.memory_batches
+  grid, iters, n_sp = settings.kmeans_grid, settings.kmeans_iters, settings.max_superpixels
+  n_anchor, dim, seed, w = (settings.pixels_per_image, settings.embedding_dim, settings.seed,
+                            settings.weights)
+  out, new_bs = ctx.apply(params, batch_stats, batch["image"], rngs={"dropout": rng})
+  emb = out["embedding"]
+  b, h, wd, _ = emb.shape
+  mask = resize.resize_nearest(batch["mask"], (h, wd))
+  valid = mask != IGNORE_INDEX
+  label = jnp.where(valid, jnp.minimum(mask, c), 0)
+  has_sp = "superpixels" in batch
+  if not has_sp and w["lambda_i"] > 0 and settings.superpixel_method != "none":
+    raise ValueError("SPML relation I needs batch['superpixels'] (config.data.extra_maps="
+                     "('superpixels',) and the train stage's SPML source), or set "
+                     "config.spml.superpixels.method='none' / config.spml.lambda_i=0")
+  sp = (resize.resize_nearest(batch["superpixels"], (h, wd)) if has_sp
+        else jnp.zeros_like(mask))
+  table, v = jax.vmap(lambda e, l, s, m: cluster_and_segment(
+      e, l, s, m, grid=grid, iters=iters, max_segments=s_max, num_labels=c + 1,
+      num_superpixels=n_sp))(emb, label, sp, valid)
+  n = h * wd
+  flat_emb = emb.reshape(b, n, -1)
+  protos = jax.vmap(lambda f, i: seg_ops.segment_means(f, i, s_max))(flat_emb, table.ids)
+  image = ctx.global_index(b)
+  tags = (batch["labels"] > 0.5).astype(jnp.float32)
+
+  # Anchors: every pixel, or `pixels_per_image` drawn among the valid ones. The key
+  # depends on (seed, step, global image index) only, so jit and shard_map draw alike.
+  flat_valid = valid.reshape(b, n)
+  if n_anchor:
+    def draw(img, m):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), img)
+      idx, ok = contrastive.masked_categorical(key, m, n_anchor)
+      return idx, ok & m[idx]
+    a_idx, a_ok = jax.vmap(draw)(image, flat_valid)
+  else:
+    a_idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    a_ok = flat_valid
+  take = lambda x: jnp.take_along_axis(x, a_idx.reshape(a_idx.shape + (1,) * (x.ndim - 2)),
+                                       axis=1)
+  a_seg = take(table.ids)                                   # [b, A] local segment id
+  a_label = take(label.reshape(b, n))
+  a_sp = take(sp.reshape(b, n).astype(jnp.int32))
+  na = a_idx.shape[1]
+  metrics = {}
+  total = jnp.zeros((), jnp.float32)
+
+  def add(name, lam, s, cnt):
+    nonlocal total
+    s, cnt = ctx.psum(s), ctx.psum(cnt)
+    value = s / jnp.maximum(cnt, 1.0)  # global mean over the eligible anchors
+    metrics[f"loss_{name}"] = value
+    total = total + lam * value
+
+  # Relation I: same image, same / other superpixel, location-augmented features.
+  if has_sp and w["lambda_i"] > 0:
+    protos_loc = jax.vmap(lambda f, i: seg_ops.segment_means(f, i, s_max))(v, table.ids)
+
+    def per_image(av, aseg, asp, aok, pv, psp, pval):
+      zeros = jnp.zeros_like(aseg)
+      anchors = vmf_loss.Anchors(zeros, zeros, asp, aseg, jnp.zeros((na, 1)), aok)
+      prot = vmf_loss.Prototypes(jnp.zeros((s_max,), jnp.int32),
+                                 jnp.zeros((s_max,), jnp.int32), psp,
+                                 jnp.zeros((s_max, 1)), pval)
+      return vmf_loss.relation_loss("lowlevel", av, pv, anchors, prot,
+                                    kappa=w["kappa_i"], num_labeled=c)
+    s_i, n_i = jax.vmap(per_image)(take(v), a_seg, a_sp, a_ok & (a_seg >= 0), protos_loc,
+                                   table.superpixel, table.valid)
+    add("i", w["lambda_i"], jnp.sum(s_i), jnp.sum(n_i))
+
+  # Relations A, C, O: every prototype of the global batch, then the memory.
+  local = {"features": protos.reshape(b * s_max, -1), "labels": table.label.reshape(-1),
+           "tags": jnp.repeat(tags, s_max, axis=0), "valid": table.valid.reshape(-1)}
+  g = ctx.all_gather({**local, "image": jnp.repeat(image, s_max)})
+  p_feat, p_lab, p_tags, p_val, p_img = (g["features"], g["labels"], g["tags"],
+                                         g["valid"], g["image"])
+  if n_mem:
+    mem = extra["memory"]
+    p_feat = jnp.concatenate([p_feat, mem["features"].reshape(-1, dim)])
+    p_lab = jnp.concatenate([p_lab, mem["labels"].reshape(-1)])
+    p_tags = jnp.concatenate([p_tags, mem["tags"].reshape(-1, num_classes - 1)])
+    p_val = jnp.concatenate([p_val, mem["valid"].reshape(-1)])
+    p_img = jnp.concatenate([p_img, jnp.full((mem["valid"].size,), -1, jnp.int32)])
+  own = jnp.where(a_seg >= 0, image[:, None] * s_max + a_seg, -1).reshape(-1)
+  anchors = vmf_loss.Anchors(jnp.repeat(image, na), a_label.reshape(-1),
+                             a_sp.reshape(-1), own, jnp.repeat(tags, na, axis=0),
+                             (a_ok & (a_seg >= 0)).reshape(-1))
+  prot = vmf_loss.Prototypes(p_img, p_lab, jnp.zeros_like(p_lab), p_tags, p_val)
+  a_feat = take(flat_emb).reshape(b * na, -1)
+  if w["lambda_a"] > 0:
+    add("a", w["lambda_a"], *vmf_loss.relation_loss(
+        "annotation", a_feat, p_feat, anchors, prot, kappa=w["kappa_a"], num_labeled=c))
+  if w["lambda_c"] > 0:
+    add("c", w["lambda_c"], *vmf_loss.relation_loss(
+        "cooccurrence", a_feat, p_feat, anchors, prot, kappa=w["kappa_c"],
+        num_labeled=c))
+  if w["lambda_o"] > 0:
+    new_lab = vmf_loss.propagate_labels(jax.lax.stop_gradient(p_feat), p_lab, p_val, c)
+    a_lab_o = jnp.where(own >= 0, new_lab[jnp.maximum(own, 0)], c)
+    add("o", w["lambda_o"], *vmf_loss.relation_loss(
+        "affinity", a_feat, p_feat, anchors._replace(label=a_lab_o),
+        prot._replace(label=new_lab), kappa=w["kappa_o"], num_labeled=c))
+
+  # Softmax classifier on the detached embedding, labelled pixels only.
+  crop = batch["mask"].shape[1:3]
+  logits = resize.resize_bilinear(out["seg_logits"], crop)
+  ce_labels = jnp.where(batch["mask"] < c, batch["mask"], IGNORE_INDEX)
+  ce_sum, ce_cnt = losses.pixel_cross_entropy(logits, ce_labels)
+  add("cls", w["cls_weight"], ce_sum, ce_cnt)
+
+  pred = jnp.argmax(logits, axis=-1)
+  correct = jnp.sum((pred == ce_labels) & (ce_labels != IGNORE_INDEX)).astype(jnp.float32)
+  num_valid = jnp.sum(valid).astype(jnp.float32)
+  metrics.update({
+      "cls_pixel_accuracy": (correct, ce_cnt),
+      "segments_per_image": jnp.mean(jnp.sum(table.valid, axis=-1).astype(jnp.float32)),
+      "segment_overflow": (jnp.sum(table.overflow).astype(jnp.float32), num_valid),
+      "unlabeled_fraction": (jnp.sum(valid & (label == c)).astype(jnp.float32), num_valid),
+  })
+  aux = jax.tree.map(jax.lax.stop_gradient, local) if n_mem else None
+  return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=aux)
+
+
+def update_extra(settings: SPMLSettings, extra: Any, params: Any, batch_stats: Any,
+                 extra_aux: Any, step: jax.Array, ctx: base.StepContext) -> Any:
+  """Rolls this batch's prototypes (all devices') into the memory."""
+  del params, batch_stats, step
+  if not settings.memory_batches:
+    return extra
+  mem = extra["memory"]
+  cur = {k: ctx.all_gather_invariant(v) for k, v in extra_aux.items()}
+  # Roll: slot 0 is the batch just seen, slot m the one m batches before it.
+  return {"memory": {k: jnp.concatenate([cur[k][None].astype(mem[k].dtype),
+                                         mem[k][:-1]]) for k in mem}}
+
+
 def make_spml_method(config: Any, num_classes: int, *, model: nn.Module | None = None
                      ) -> base.Method:
   """SPML as a `Method` (module docstring). `model` overrides the network (tests)."""
-  sc = config.spml
-  w = loss_weights(config)
+  settings = spml_settings(config, num_classes)
   load_pretrained = None
   if model is None:
     from wsss_jax import models
     model = build_model(config, num_classes)
     if config.model.get("pretrained", False):
       load_pretrained = lambda variables: models.load_pretrained(config.model, variables)
-  c = num_classes                     # labels < C are classes, C is "unlabeled"
-  s_max = int(sc.max_segments)
-  grid, iters = int(sc.kmeans_grid), int(sc.kmeans_iters)
-  n_sp = int(sc.max_superpixels)
-  n_mem = int(sc.memory_batches)
-  n_anchor = int(sc.pixels_per_image)
-  global_batch = int(config.data.batch_size)
-  dim = int(sc.embedding_dim)
-  seed = int(config.get("seed", 0))
-  if n_mem < 0 or s_max < 1 or grid < 1 or n_anchor < 0:
-    raise ValueError("config.spml: memory_batches, pixels_per_image must be >= 0 and "
-                     "max_segments, kmeans_grid >= 1")
-
-  def init_extra(rng, variables):
-    del rng, variables
-    if n_mem == 0:
-      return {}
-    p = global_batch * s_max
-    return {"memory": {"features": jnp.zeros((n_mem, p, dim), jnp.float32),
-                       "labels": jnp.zeros((n_mem, p), jnp.int32),
-                       "tags": jnp.zeros((n_mem, p, num_classes - 1), jnp.float32),
-                       "valid": jnp.zeros((n_mem, p), bool)}}
-
-  def loss(params, batch_stats, extra, batch, rng, step, ctx: base.StepContext):
-    out, new_bs = ctx.apply(params, batch_stats, batch["image"], rngs={"dropout": rng})
-    emb = out["embedding"]
-    b, h, wd, _ = emb.shape
-    mask = resize.resize_nearest(batch["mask"], (h, wd))
-    valid = mask != IGNORE
-    label = jnp.where(valid, jnp.minimum(mask, c), 0)
-    has_sp = "superpixels" in batch
-    if not has_sp and w["lambda_i"] > 0 and sc.superpixels.method != "none":
-      raise ValueError("SPML relation I needs batch['superpixels'] (config.data.extra_maps="
-                       "('superpixels',) and the train stage's SPML source), or set "
-                       "config.spml.superpixels.method='none' / config.spml.lambda_i=0")
-    sp = (resize.resize_nearest(batch["superpixels"], (h, wd)) if has_sp
-          else jnp.zeros_like(mask))
-    table, v = jax.vmap(lambda e, l, s, m: cluster_and_segment(
-        e, l, s, m, grid=grid, iters=iters, max_segments=s_max, num_labels=c + 1,
-        num_superpixels=n_sp))(emb, label, sp, valid)
-    n = h * wd
-    flat_emb = emb.reshape(b, n, -1)
-    protos = jax.vmap(lambda f, i: seg_ops.segment_means(f, i, s_max))(flat_emb, table.ids)
-    image = _global_image_index(ctx, b)
-    tags = (batch["labels"] > 0.5).astype(jnp.float32)
-
-    # Anchors: every pixel, or `pixels_per_image` drawn among the valid ones. The key
-    # depends on (seed, step, global image index) only, so jit and shard_map draw alike.
-    flat_valid = valid.reshape(b, n)
-    if n_anchor:
-      def draw(img, m):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), img)
-        idx, ok = contrastive.masked_categorical(key, m, n_anchor)
-        return idx, ok & m[idx]
-      a_idx, a_ok = jax.vmap(draw)(image, flat_valid)
-    else:
-      a_idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-      a_ok = flat_valid
-    take = lambda x: jnp.take_along_axis(x, a_idx.reshape(a_idx.shape + (1,) * (x.ndim - 2)),
-                                         axis=1)
-    a_seg = take(table.ids)                                   # [b, A] local segment id
-    a_label = take(label.reshape(b, n))
-    a_sp = take(sp.reshape(b, n).astype(jnp.int32))
-    na = a_idx.shape[1]
-    metrics = {}
-    total = jnp.zeros((), jnp.float32)
-
-    def add(name, lam, s, cnt):
-      nonlocal total
-      s, cnt = ctx.psum(s), ctx.psum(cnt)
-      value = s / jnp.maximum(cnt, 1.0)  # global mean over the eligible anchors
-      metrics[f"loss_{name}"] = value
-      total = total + lam * value
-
-    # Relation I: same image, same / other superpixel, location-augmented features.
-    if has_sp and w["lambda_i"] > 0:
-      protos_loc = jax.vmap(lambda f, i: seg_ops.segment_means(f, i, s_max))(v, table.ids)
-
-      def per_image(av, aseg, asp, aok, pv, psp, pval):
-        zeros = jnp.zeros_like(aseg)
-        anchors = vmf_loss.Anchors(zeros, zeros, asp, aseg, jnp.zeros((na, 1)), aok)
-        prot = vmf_loss.Prototypes(jnp.zeros((s_max,), jnp.int32),
-                                   jnp.zeros((s_max,), jnp.int32), psp,
-                                   jnp.zeros((s_max, 1)), pval)
-        return vmf_loss.relation_loss("lowlevel", av, pv, anchors, prot,
-                                      kappa=w["kappa_i"], num_labeled=c)
-      s_i, n_i = jax.vmap(per_image)(take(v), a_seg, a_sp, a_ok & (a_seg >= 0), protos_loc,
-                                     table.superpixel, table.valid)
-      add("i", w["lambda_i"], jnp.sum(s_i), jnp.sum(n_i))
-
-    # Relations A, C, O: every prototype of the global batch, then the memory.
-    local = {"features": protos.reshape(b * s_max, -1), "labels": table.label.reshape(-1),
-             "tags": jnp.repeat(tags, s_max, axis=0), "valid": table.valid.reshape(-1)}
-    g = ctx.all_gather({**local, "image": jnp.repeat(image, s_max)})
-    p_feat, p_lab, p_tags, p_val, p_img = (g["features"], g["labels"], g["tags"],
-                                           g["valid"], g["image"])
-    if n_mem:
-      mem = extra["memory"]
-      p_feat = jnp.concatenate([p_feat, mem["features"].reshape(-1, dim)])
-      p_lab = jnp.concatenate([p_lab, mem["labels"].reshape(-1)])
-      p_tags = jnp.concatenate([p_tags, mem["tags"].reshape(-1, num_classes - 1)])
-      p_val = jnp.concatenate([p_val, mem["valid"].reshape(-1)])
-      p_img = jnp.concatenate([p_img, jnp.full((mem["valid"].size,), -1, jnp.int32)])
-    own = jnp.where(a_seg >= 0, image[:, None] * s_max + a_seg, -1).reshape(-1)
-    anchors = vmf_loss.Anchors(jnp.repeat(image, na), a_label.reshape(-1),
-                               a_sp.reshape(-1), own, jnp.repeat(tags, na, axis=0),
-                               (a_ok & (a_seg >= 0)).reshape(-1))
-    prot = vmf_loss.Prototypes(p_img, p_lab, jnp.zeros_like(p_lab), p_tags, p_val)
-    a_feat = take(flat_emb).reshape(b * na, -1)
-    if w["lambda_a"] > 0:
-      add("a", w["lambda_a"], *vmf_loss.relation_loss(
-          "annotation", a_feat, p_feat, anchors, prot, kappa=w["kappa_a"], num_labeled=c))
-    if w["lambda_c"] > 0:
-      add("c", w["lambda_c"], *vmf_loss.relation_loss(
-          "cooccurrence", a_feat, p_feat, anchors, prot, kappa=w["kappa_c"],
-          num_labeled=c))
-    if w["lambda_o"] > 0:
-      new_lab = vmf_loss.propagate_labels(jax.lax.stop_gradient(p_feat), p_lab, p_val, c)
-      a_lab_o = jnp.where(own >= 0, new_lab[jnp.maximum(own, 0)], c)
-      add("o", w["lambda_o"], *vmf_loss.relation_loss(
-          "affinity", a_feat, p_feat, anchors._replace(label=a_lab_o),
-          prot._replace(label=new_lab), kappa=w["kappa_o"], num_labeled=c))
-
-    # Softmax classifier on the detached embedding, labelled pixels only.
-    crop = batch["mask"].shape[1:3]
-    logits = resize.resize_bilinear(out["seg_logits"], crop)
-    ce_labels = jnp.where(batch["mask"] < c, batch["mask"], IGNORE)
-    ce_sum, ce_cnt = seg_method.pixel_cross_entropy(logits, ce_labels)
-    add("cls", w["cls_weight"], ce_sum, ce_cnt)
-
-    pred = jnp.argmax(logits, axis=-1)
-    correct = jnp.sum((pred == ce_labels) & (ce_labels != IGNORE)).astype(jnp.float32)
-    num_valid = jnp.sum(valid).astype(jnp.float32)
-    metrics.update({
-        "cls_pixel_accuracy": (correct, ce_cnt),
-        "segments_per_image": jnp.mean(jnp.sum(table.valid, axis=-1).astype(jnp.float32)),
-        "segment_overflow": (jnp.sum(table.overflow).astype(jnp.float32), num_valid),
-        "unlabeled_fraction": (jnp.sum(valid & (label == c)).astype(jnp.float32), num_valid),
-    })
-    aux = jax.tree.map(jax.lax.stop_gradient, local) if n_mem else None
-    return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=aux)
-
-  def update_extra(extra, params, batch_stats, extra_aux, step, ctx):
-    del params, batch_stats, step
-    if not n_mem:
-      return extra
-    mem = extra["memory"]
-    cur = {k: _gather_replicated(ctx, v) for k, v in extra_aux.items()}
-    # Roll: slot 0 is the batch just seen, slot m the one m batches before it.
-    return {"memory": {k: jnp.concatenate([cur[k][None].astype(mem[k].dtype),
-                                           mem[k][:-1]]) for k in mem}}
-
-  return base.Method(name="spml", model=model, loss=loss, init_extra=init_extra,
-                     update_extra=update_extra, load_pretrained=load_pretrained)
+  return base.Method(name="spml", model=model, loss=functools.partial(loss, settings),
+                     init_extra=functools.partial(init_extra, settings),
+                     update_extra=functools.partial(update_extra, settings),
+                     load_pretrained=load_pretrained)

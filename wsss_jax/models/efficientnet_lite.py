@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from wsss_jax.models.batch_norm import BatchNorm
 from wsss_jax.models.lowering import conv_general_dilated_fn, depthwise_conv
+from wsss_jax.ops import image as image_ops
 
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-B0/Lite0.
 _BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
@@ -49,9 +50,6 @@ _BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40)
 LITE_PARAMS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260),
                "lite3": (1.2, 1.4, 280), "lite4": (1.4, 1.8, 300)}
 STEM_FILTERS, HEAD_FILTERS = 32, 1280
-# The pipeline's input normalisation (data/transforms.py), in 0..255 units per RGB channel.
-_MEAN255 = jnp.asarray([0.485, 0.456, 0.406], jnp.float32) * 255.0
-_STD255 = jnp.asarray([0.229, 0.224, 0.225], jnp.float32) * 255.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +174,7 @@ class EfficientNetLite(nn.Module):
         use_running_average=not train or stats_frozen, momentum=0.99, epsilon=1e-3,
         dtype=self.dtype, name=name)
     if self.input_norm == "lite":
-      x = (x * _STD255 + (_MEAN255 - 127.0)) / 128.0
+      x = (image_ops.denormalize(x, as_uint8=False) - 127.0) / 128.0
     elif self.input_norm != "imagenet":
       raise ValueError(f"input_norm must be 'imagenet' or 'lite', got {self.input_norm!r}")
     x = x.astype(self.dtype)

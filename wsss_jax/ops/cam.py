@@ -17,11 +17,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import crf as crf_ops
 from wsss_jax.ops import metrics
 from wsss_jax.ops import resize
+from wsss_jax.ops import sizes
 
-IGNORE_INDEX = 255
 NORM_EPS = 1e-5  # IRN: cam / (max + 1e-5)
 
 
@@ -142,7 +143,7 @@ def multiscale_cams(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Arra
   strided_sum = None
   high_sum = None
   for scale in scales:
-    hs, ws = resize.scaled_size(h, scale), resize.scaled_size(w, scale)
+    hs, ws = sizes.scaled_size(h, scale), sizes.scaled_size(w, scale)
     x = images
     if (hs, ws) != (h, w):
       x = jax.image.resize(images.astype(jnp.float32), (b, hs, ws, images.shape[-1]),
@@ -336,6 +337,15 @@ def double_threshold_labels_crf(cams: jax.Array, labels: jax.Array, images: jax.
   return combine_double_threshold(refined[:b], refined[b:])
 
 
+def threshold_labels(cams: jax.Array, labels: jax.Array,
+                     thresholds: Sequence[float] | jax.Array,
+                     valid: jax.Array | None = None) -> jax.Array:
+  """`cams_to_labels` at every threshold: int32 [T, ..., H, W] (the label maps whose
+  confusion matrices `threshold_sweep` counts in one pass)."""
+  thresholds = jnp.asarray(thresholds, jnp.float32).reshape(-1)
+  return jax.vmap(lambda t: cams_to_labels(cams, labels, t, valid))(thresholds)
+
+
 def threshold_sweep(cams: jax.Array, labels: jax.Array, gt: jax.Array,
                     thresholds: Sequence[float] | jax.Array, num_classes: int,
                     valid: jax.Array | None = None) -> jax.Array:
@@ -393,3 +403,18 @@ def sweep_reference(cams, labels, gt, thresholds, num_classes, valid=None):
   """Per-threshold loop equivalent of `threshold_sweep` (for tests and small inputs)."""
   return jnp.stack([metrics.confusion_matrix(gt, cams_to_labels(cams, labels, t),
                                              num_classes, valid) for t in thresholds])
+
+
+def masked_mean_logits(cams: jax.Array, valid: jax.Array) -> jax.Array:
+  """Image logits as the mean of raw class maps over the image's own (unpadded) area.
+
+  Args:
+    cams: float [B, h, w, K] raw class maps.
+    valid: bool [B, H, W] input-resolution validity.
+  Returns:
+    float32 [B, K]; equals GAP over the unpadded image up to the stride rounding.
+  """
+  h, w = cams.shape[1:3]
+  v = jax.image.resize(valid.astype(jnp.float32), (valid.shape[0], h, w), "nearest")
+  v = v[..., None]
+  return jnp.sum(cams * v, axis=(1, 2)) / jnp.maximum(jnp.sum(v, axis=(1, 2)), 1.0)

@@ -17,16 +17,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import resize
 
-IGNORE = 255
 
 
 def present_classes(masks: jax.Array, num_classes: int) -> jax.Array:
   """[B, C] bool: which class ids 0..C-1 occur in each mask [B, H, W] (255 ignored)."""
   flat = masks.reshape(masks.shape[0], -1)
   onehot_any = jax.vmap(lambda m: jnp.zeros((num_classes + 1,), bool).at[
-      jnp.where(m == IGNORE, num_classes, m)].set(True, mode="drop"))(flat)
+      jnp.where(m == IGNORE_INDEX, num_classes, m)].set(True, mode="drop"))(flat)
   return onehot_any[:, :num_classes]
 
 
@@ -84,9 +84,9 @@ def classmix(key: jax.Array, images: jax.Array, masks: jax.Array, labels: jax.Ar
     apply = jax.random.uniform(k_coin) < prob
   partner, chosen = classmix_plan(k_plan, masks, num_classes)
   pm = masks[partner]
-  safe = jnp.where(pm == IGNORE, 0, pm)
+  safe = jnp.where(pm == IGNORE_INDEX, 0, pm)
   paste = jnp.take_along_axis(chosen, safe.reshape(safe.shape[0], -1), axis=1)
-  paste = paste.reshape(pm.shape) & (pm != IGNORE) & apply
+  paste = paste.reshape(pm.shape) & (pm != IGNORE_INDEX) & apply
 
   def mix(x):
     # Extras at a lower resolution (stride-4 teacher maps) use the paste mask resized with

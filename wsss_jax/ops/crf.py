@@ -120,6 +120,8 @@ PSA_CRF = CRFParams(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0,
 # DeepLab-v2 post-processing (softmax probabilities, 10 iterations).
 DEEPLAB_CRF = CRFParams(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
                         bilateral_srgb=3.0, bilateral_compat=4.0)
+# The presets by name (`config.pseudo.crf`).
+PRESETS = {"label": LABEL_CRF, "psa": PSA_CRF, "deeplab": DEEPLAB_CRF}
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,14 +12,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from wsss_jax.methods.cam import multilabel_soft_margin_loss
-from wsss_jax.methods.seg import pixel_cross_entropy
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops.contrastive import info_nce
+from wsss_jax.ops.losses import multilabel_soft_margin_loss
+from wsss_jax.ops.losses import pixel_cross_entropy
 from wsss_jax.ops import crf as crf_ops
 from wsss_jax.ops import resize
 
-IGNORE = 255
 
 
 # --------------------------------------------------------------------------------------
@@ -144,9 +144,9 @@ def c2s_targets(cam_masks: jax.Array, is_labeled: jax.Array) -> jax.Array:
   Args:
     cam_masks: int [B, H, W]; is_labeled: bool [B] (the "L" half).
   """
-  has_fg = jnp.any((cam_masks > 0) & (cam_masks != IGNORE), axis=(1, 2))
+  has_fg = jnp.any((cam_masks > 0) & (cam_masks != IGNORE_INDEX), axis=(1, 2))
   use = is_labeled & has_fg
-  return jnp.where(use[:, None, None], cam_masks, IGNORE)
+  return jnp.where(use[:, None, None], cam_masks, IGNORE_INDEX)
 
 
 def s2c_logits_targets(seg_logits: jax.Array, cams: jax.Array, teacher_probs: jax.Array,
@@ -168,7 +168,7 @@ def s2c_logits_targets(seg_logits: jax.Array, cams: jax.Array, teacher_probs: ja
   z = jnp.concatenate([jax.lax.stop_gradient(seg_logits[..., :1]), up], axis=-1)
   conf = jnp.max(teacher_probs, axis=-1)
   target = jnp.argmax(teacher_probs, axis=-1).astype(jnp.int32)
-  return z, jnp.where(conf > threshold, target, IGNORE)
+  return z, jnp.where(conf > threshold, target, IGNORE_INDEX)
 
 
 def unsup_targets(teacher_argmax: jax.Array, teacher_entropy: jax.Array,
@@ -192,7 +192,7 @@ def unsup_targets(teacher_argmax: jax.Array, teacher_entropy: jax.Array,
   u = jnp.broadcast_to(is_unlabeled[:, None, None], teacher_entropy.shape)
   theta = masked_percentile(teacher_entropy, u, drop_percent)
   keep = u & (teacher_entropy < theta)
-  target = jnp.where(keep, teacher_argmax, IGNORE).astype(jnp.int32)
+  target = jnp.where(keep, teacher_argmax, IGNORE_INDEX).astype(jnp.int32)
   n_all = jnp.sum(u).astype(jnp.float32)
   n_kept = jnp.sum(keep).astype(jnp.float32)
   return target, jnp.where(n_kept > 0, n_all / jnp.maximum(n_kept, 1.0), 0.0)
@@ -247,7 +247,7 @@ def contrast_masks(labels4: jax.Array, probs4: jax.Array, entropy4: jax.Array,
     ContrastMasks with [C, B*h*w] bool arrays (pixels in (image, row, col) order).
   """
   c = probs4.shape[-1]
-  valid = labels4 != IGNORE
+  valid = labels4 != IGNORE_INDEX
   u = jnp.broadcast_to(is_unlabeled[:, None, None], labels4.shape)
   uv = u & valid
   lo_t = masked_percentile(entropy4, uv, alpha_percent)

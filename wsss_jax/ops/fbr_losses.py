@@ -21,12 +21,7 @@ import jax.numpy as jnp
 
 from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops import kmeans as kmeans_ops
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(|x|_2, eps) along the last axis, float32."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+from wsss_jax.ops.norms import l2_normalize
 
 
 def seed_cams(cams: jax.Array, labels: jax.Array) -> jax.Array:

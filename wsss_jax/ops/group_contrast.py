@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from wsss_jax.ops import contrastive
 from wsss_jax.ops import kmeans as kmeans_ops
+from wsss_jax.ops.norms import l2_normalize
 
 # Finite "minus infinity" for masked log-sum-exps: with -inf an empty set gives
 # (-inf) - (-inf) = NaN in the forward AND in the backward of the unselected branch of a
@@ -26,12 +27,6 @@ _EPS = 1e-12
 KMEANS_SPACES = ("pearson", "cosine", "raw")
 KMEANS_INITS = ("kmeans++", "random")
 FUSION_COMBINES = ("sum", "product")
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """x / max(||x||, 1e-12) along `axis` (float32)."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), _EPS)
 
 
 def pearson_normalize(x: jax.Array) -> jax.Array:

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from wsss_jax.ops.norms import l2_normalize
+
 _BIG = 1e30
 
 
@@ -43,10 +45,6 @@ def _varying_zero(*arrays: jax.Array) -> jax.Array:
   """
   return sum((jnp.sum(jnp.ravel(a)[:0]).astype(jnp.float32) for a in arrays),
              jnp.zeros((), jnp.float32))
-
-
-def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def assign_points(points: jax.Array, centers: jax.Array, *, spherical: bool = False,
@@ -125,7 +123,7 @@ def centers_from_assign(points: jax.Array, mask: jax.Array, assign: jax.Array, k
   sums = one_hot.T @ points  # [K, D]
   counts = jnp.sum(one_hot, axis=0)
   if spherical:
-    centers = _normalize(sums)
+    centers = l2_normalize(sums)
   else:
     centers = sums / jnp.maximum(counts, 1.0)[:, None]
   if previous is None:

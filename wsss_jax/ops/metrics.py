@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
-
 
 def _count_mask(gt, pred, num_classes: int, valid):
   keep = (gt >= 0) & (gt < num_classes) & (pred >= 0) & (pred < num_classes)
@@ -141,6 +139,17 @@ def pixel_accuracy(conf) -> Any:
   conf = xp.asarray(conf).astype(dtype)
   total = conf.sum()
   return xp.where(total > 0, xp.trace(conf) / xp.where(total > 0, total, 1), xp.nan)
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, list]:
+  """mAP over classes with at least one positive; per-class AP (NaN where none).
+
+  Host-side (scikit-learn). Args: scores float [N, K]; labels bool [N, K].
+  """
+  from sklearn.metrics import average_precision_score  # pylint: disable=g-import-not-at-top
+  aps = [float(average_precision_score(labels[:, k], scores[:, k]))
+         if labels[:, k].any() else float("nan") for k in range(labels.shape[1])]
+  return float(np.nanmean(aps)) if not np.all(np.isnan(aps)) else float("nan"), aps
 
 
 def confusion_summary(conf: np.ndarray,

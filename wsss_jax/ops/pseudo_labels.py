@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from wsss_jax.ops import cam as cam_ops
 from wsss_jax.ops import crf as crf_lib
 
-IGNORE = cam_ops.IGNORE_INDEX
 MODES = ("threshold", "threshold_crf", "double", "crf")
 
 

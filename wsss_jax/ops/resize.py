@@ -23,11 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def scaled_size(n: int, scale: float) -> int:
-  """Side length of a test-time scale (IRN `pil_rescale`: round(n * scale), >= 1 px)."""
-  return max(1, int(np.round(n * scale)))
-
-
 def _as_size(size: Sequence[int]) -> tuple[int, int]:
   h, w = (int(s) for s in size)
   if h <= 0 or w <= 0:

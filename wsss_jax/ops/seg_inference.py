@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from wsss_jax.ops import crf as crf_lib
 from wsss_jax.ops import resize
+from wsss_jax.ops import sizes
 
 
 def multiscale_probs(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
@@ -38,7 +39,7 @@ def _multiscale_mean(logits_fn, images, scales, flip, transform):
   b, h, w, _ = images.shape
   total = 0.0
   for s in scales:
-    size = (resize.scaled_size(h, s), resize.scaled_size(w, s))
+    size = (sizes.scaled_size(h, s), sizes.scaled_size(w, s))
     x = images if size == (h, w) else resize.resize_bilinear(images, size)
     if flip:
       x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)

@@ -5,11 +5,12 @@ control from one trained baseline per seed, so a matrix of methods x seeds train
 baseline per seed, not one per cell. The `baseline` stage looks here first and stores what
 it trained.
 
-An entry is keyed by everything that decides the baseline's weights and its reported mAP:
-the resolved baseline config (`baseline_settings`: seed, data, model, optimizer, steps,
-mesh, CAM loss options), the prepared dataset's content fingerprint, the pretrained
-weights file's sha256 and `CACHE_VERSION` (bumped when the training code changes what a
-config produces). A changed key is a different entry, never a stale hit.
+An entry is keyed by everything that decides the baseline's weights: the baseline stage's
+fingerprint (`stages.registry`: seed, dataset content, model, optimizer, steps,
+augmentation, CAM loss options), the pretrained weights file's sha256 and
+`CACHE_VERSION` (bumped when the training code changes what a config produces). A
+changed key is a different entry, never a stale hit. (The reported mAP is recomputed when
+the work directory scores another split, `training.classification_scores`.)
 
 Layout: `<root>/<key>/` with `final_variables.msgpack`, `classification.json` and
 `entry.json` (the settings that made the key; written last, so an entry without it is
@@ -25,35 +26,12 @@ import shutil
 import tempfile
 from typing import Any
 
-import ml_collections as mlc
 
 from wsss_jax import fs
 
 CACHE_VERSION = 1
 ENTRY_FILE = "entry.json"
 FILES = ("final_variables.msgpack", "classification.json")
-# Keys that do not change what the baseline stage produces: where data lives, logging,
-# checkpoint cadence, input workers, inference-only settings.
-_DATA_IGNORED = ("root", "cache_dir", "num_workers", "prefetch", "eval_batch_size",
-                 "eval_pad_size", "sweep_split", "on_bad_input", "class_names")
-_TRAIN_IGNORED = ("log_every", "ckpt_every", "keep_checkpoints", "tensorboard", "progress",
-                  "eval_every", "init_from")
-
-
-def _drop(block: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-  return {k: v for k, v in block.items() if k not in keys}
-
-
-def baseline_settings(baseline_config: mlc.ConfigDict) -> dict[str, Any]:
-  """The values of the baseline's resolved config (`stages.baseline.baseline_config`)
-  that decide its weights and mAP, as JSON-able data."""
-  c = json.loads(baseline_config.to_json())
-  data = _drop(c["data"], _DATA_IGNORED)
-  if c["data"]["name"] != "synthetic":
-    data.pop("synthetic", None)  # the generator's settings only matter for synthetic data
-  return {"seed": c["seed"], "data": data, "model": c["model"], "optim": c["optim"],
-          "train": _drop(c["train"], _TRAIN_IGNORED), "mesh": c["mesh"],
-          "cam_train": c.get("cam_train", {})}
 
 
 def file_sha256(path: str) -> str:
@@ -64,12 +42,11 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def cache_key(settings: dict[str, Any], dataset_fingerprint: str, weights_sha256: str
-              ) -> str:
-  """Hex key of an entry (see the module docstring)."""
-  blob = json.dumps({"version": CACHE_VERSION, "settings": settings,
-                     "dataset": dataset_fingerprint, "weights": weights_sha256},
-                    sort_keys=True)
+def cache_key(fingerprint: str, weights_sha256: str) -> str:
+  """Hex key of an entry: the baseline stage's fingerprint (`registry.fingerprint`), the
+  pretrained weights file's sha256 and `CACHE_VERSION`."""
+  blob = json.dumps({"version": CACHE_VERSION, "fingerprint": fingerprint,
+                     "weights": weights_sha256}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

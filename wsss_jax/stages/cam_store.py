@@ -57,6 +57,20 @@ def dense_scores(record: dict[str, np.ndarray], num_fg: int) -> np.ndarray:
   return out
 
 
+def dense_cams_batch(batch: dict[str, np.ndarray], cam_dir: str, num_fg: int
+                     ) -> dict[str, np.ndarray]:
+  """CAMs from disk for the images of an eval batch: float32 [B, P, P, K], zero-padded."""
+  b, p = batch["image"].shape[:2]
+  out = np.zeros((b, p, p, num_fg), np.float32)
+  for k, (image_id, index) in enumerate(zip(batch["id"], batch["index"])):
+    if index < 0:
+      continue
+    dense = dense_scores(load(cam_dir, str(image_id)), num_fg)
+    h, w = dense.shape[1:]
+    out[k, :h, :w] = dense.transpose(1, 2, 0)
+  return {"cams": out}
+
+
 def is_complete(directory: str, ids: list[str]) -> bool:
   """True when the split's marker lists exactly these ids and every file exists."""
   marker = os.path.join(directory, COMPLETE)

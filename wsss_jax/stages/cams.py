@@ -23,8 +23,8 @@ from wsss_jax.ops import cam as cam_ops
 from wsss_jax.stages import cam_store
 from wsss_jax.stages import figures
 from wsss_jax.stages import inference
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
 
 OVERLAY_COUNT = 6
 # Which trained model's CAMs: the `train` stage's (config.method) or the `baseline` stage's.

@@ -8,7 +8,7 @@ import ml_collections as mlc
 
 from wsss_jax.data import sources
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
+from wsss_jax.runtime import distributed
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:

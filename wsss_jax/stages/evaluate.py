@@ -1,5 +1,6 @@
 """`evaluate` stage: segmentation inference on the val split → mIoU, per-class IoU,
-confusion matrix (`workdir/evaluate.json`), per-class IoU bars and a prediction gallery."""
+confusion matrix (`workdir/<seg|seg_gt>_evaluate.json`), per-class IoU bars and a
+prediction gallery."""
 from __future__ import annotations
 
 import os
@@ -8,21 +9,20 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
 
 from wsss_jax import fs
 from wsss_jax import methods
 from wsss_jax.data import pipeline
 from wsss_jax.data import sources
-from wsss_jax.data import transforms
-from wsss_jax.ops import metrics
+from wsss_jax.ops import image as image_ops
 from wsss_jax.ops import seg_inference
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.stages import figures
 from wsss_jax.stages import inference
-from wsss_jax.stages import seg as seg_stage
+from wsss_jax.stages import registry
+from wsss_jax.stages import scoring
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
 
 EVAL_FILE = "evaluate.json"
 GALLERY_SIZE = 6
@@ -44,10 +44,9 @@ def seg_batch_fn(model: Any, settings: dict[str, Any]
   def batch_fn(variables, batch):
     probs = seg_inference.multiscale_probs(
         lambda x: inference.forward(model, variables, x)["seg_logits"],
-                                           batch["image"], settings["scales"],
-                                           settings["flip"])
+        batch["image"], settings["scales"], settings["flip"])
     if settings["crf"]:
-      images = jnp.clip(transforms.denormalize(batch["image"], as_uint8=False), 0, 255)
+      images = jnp.clip(image_ops.denormalize(batch["image"], as_uint8=False), 0, 255)
       probs = seg_inference.crf_refine_probs(probs, images, batch["valid"])
     return {"pred": jnp.argmax(probs, axis=-1).astype(jnp.int32)}
 
@@ -55,7 +54,8 @@ def seg_batch_fn(model: Any, settings: dict[str, Any]
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  prefix = seg_stage.result_prefix(config)
+  # Headline keys: `seg_miou` for pseudo-labels, `seg_gt_miou` for the upper bound.
+  prefix = registry.seg_home(config)
   path = os.path.join(workdir, f"{prefix}_{EVAL_FILE}")
   settings = {**inference_settings(config), "split": config.data.val_split}
   if fs.exists(path) and wd.read_json(path).get("settings") == settings:
@@ -63,23 +63,20 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = sources.prepare(config.data)
   method = methods.make_method(config, meta.num_classes, name="seg")
   variables = inference.load_variables(
-      os.path.join(seg_stage.seg_dir(config, workdir), inference.VARIABLES_FILE))
-  batch_fn = seg_batch_fn(method.model, settings)
-  c = meta.num_classes
-  conf = np.zeros((c, c), np.int64)
+      os.path.join(workdir, prefix, inference.VARIABLES_FILE))
   gallery = []
-  mesh = mesh_lib.make_mesh(config.mesh)
-  for record, out in inference.predict_split(config, config.data.val_split, batch_fn, mesh,
-                                             variables=variables, what="evaluate"):
-    h, w = record["mask"].shape
-    pred = out["pred"][:h, :w]
-    conf += metrics.confusion_matrix_np(record["mask"], pred, c)
+
+  def keep(record, out):
     if len(gallery) < GALLERY_SIZE:
-      gallery.append((record, pred))
-  conf = distributed.sum_over_processes(conf)  # each process scored its own images
-  per_class, miou = metrics.iou_from_confusion_np(conf)
-  headline = {f"{prefix}_miou": float(miou),
-              f"{prefix}_per_class_iou": [float(x) for x in per_class],
+      h, w = record["mask"].shape
+      gallery.append((record, out["pred"][:h, :w]))
+
+  conf = scoring.predicted(config, config.data.val_split,
+                           seg_batch_fn(method.model, settings),
+                           mesh_lib.make_mesh(config.mesh), num_classes=meta.num_classes,
+                           variables=variables, on_image=keep, what="evaluate")
+  per_class, miou = scoring.iou(conf)
+  headline = {f"{prefix}_miou": miou, f"{prefix}_per_class_iou": per_class,
               "seg_split": config.data.val_split}
   if not distributed.is_chief():
     distributed.barrier("evaluate:done")

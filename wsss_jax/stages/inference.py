@@ -6,7 +6,6 @@ from typing import Any, Callable, Iterator
 
 import flax.serialization
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections as mlc
 import numpy as np
@@ -16,9 +15,9 @@ from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.stages import progress as progress_lib
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
-from wsss_jax.train import preemption
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
+from wsss_jax.runtime import preemption
 
 VARIABLES_FILE = "final_variables.msgpack"
 
@@ -78,7 +77,7 @@ def predict_split(config: mlc.ConfigDict, split: str,
   `add_inputs(batch)` adds host arrays to a batch before it goes to the devices (e.g. CAMs
   read from disk, batch axis first, padded like the images).
   With several processes each yields only its own share of the split (the eval pipeline
-  gives every record to exactly one process); callers merge with `train.distributed`.
+  gives every record to exactly one process); callers merge with `runtime.distributed`.
   Progress lines with an ETA (`stages/progress.py`) are named `what` and the split.
   """
   source = sources.get_source(config.data, split)
@@ -142,18 +141,3 @@ def local_slots(config: mlc.ConfigDict, num_records: int) -> int:
   batch_size = int(config.data.eval_batch_size)
   return pipeline.num_batches_eval(num_records, batch_size) * (
       batch_size // jax.process_count())
-
-
-def masked_mean_logits(cams: jax.Array, valid: jax.Array) -> jax.Array:
-  """Image logits as the mean of raw class maps over the image's own (unpadded) area.
-
-  Args:
-    cams: float [B, h, w, K] raw class maps.
-    valid: bool [B, H, W] input-resolution validity.
-  Returns:
-    float32 [B, K]; equals GAP over the unpadded image up to the stride rounding.
-  """
-  h, w = cams.shape[1:3]
-  v = jax.image.resize(valid.astype(jnp.float32), (valid.shape[0], h, w), "nearest")
-  v = v[..., None]
-  return jnp.sum(cams * v, axis=(1, 2)) / jnp.maximum(jnp.sum(v, axis=(1, 2)), 1.0)

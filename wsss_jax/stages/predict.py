@@ -64,7 +64,7 @@ from wsss_jax.stages import seg as seg_stage
 from wsss_jax.stages import sweep as sweep_stage
 from wsss_jax.stages import train as train_stage
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
 WHATS = ("seg", "cams")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

@@ -1,27 +1,32 @@
 """Checks a config against itself and its environment before any stage does expensive work.
 
-`check(config, workdir)` runs at the start of `runner.run_stages`, after the dataset keys
-are validated (`runner.validate`) and before a dataset is built or a model compiled. It
-collects every problem and raises one `ConfigError` listing them, each naming its key:
+`check(config, workdir)` runs first in `runner.run_stages`, before a dataset is built, a
+model compiled or a file written. It collects every problem and raises one `ConfigError`
+listing them, each naming its key:
 
+- the stage list (`config.stages`: names known to `stages/registry.py`), the dataset
+  (`data.name`, a `data.root` that exists and is in the VOC/COCO layout, the splits),
+  `data.on_bad_input`, `rerun`;
 - enumerations: `method`, `model.backbone`, `model.dtype`, `model.norm`, `model.pool`,
-  `model.{depthwise,pointwise,maxpool}_impl`,
-  `optim.name`, `optim.schedule`, `mesh.step_impl`, `pseudo.mode`, `pseudo.crf`,
-  `seg.pseudo_source`, `cams.variables`, `spml.superpixels.method` (for 'hed': its weights
-  file and h5py are installed);
+  `model.{depthwise,pointwise,maxpool}_impl`, `optim.name`, `optim.schedule`,
+  `mesh.step_impl`, and those each listed stage declares in the registry (`cams.variables`,
+  `pseudo.mode`, `pseudo.crf`, `seg.pseudo_source`); `spml.superpixels.method` (for
+  'hed': its weights file and h5py are installed);
 - counts: step counts of the listed training stages are positive; the global batch sizes
   (`data.batch_size`, `data.eval_batch_size`, `seg.batch_size`) divide by the number of
   processes and by the devices on the mesh's data axis (`mesh.data` <= devices);
-- inputs of each listed stage: produced by an earlier listed stage or already in the work
-  directory (e.g. `train.init_from='baseline'` without a `baseline` stage or
-  `workdir/baseline/final_variables.msgpack`; `stages=sweep` without CAMs);
+- inputs of each listed stage (`Stage.needs`): made by an earlier listed stage or already
+  in the work directory (`Stage.markers` of the stage that makes them), e.g.
+  `train.init_from='baseline'` without a `baseline` stage or
+  `workdir/baseline/final_variables.msgpack`; `stages=sweep` without CAMs;
 - the environment: the work directory is writable and its file system has at least
   `MIN_FREE_MB` MiB free (`$WSSS_JAX_MIN_FREE_MB` overrides; 0 disables).
 
 Unknown or misspelt keys never reach this point: configs are locked, so
 `--config.optim.lrr=0.1` fails while the command line is parsed; `parse_flags_or_exit`
 (the `wsss` flag parser) turns ml_collections' traceback into one line naming the argument
-and the closest existing key.
+and the closest existing key, as it does for an unknown `file.py:arg` or a missing config
+file.
 """
 from __future__ import annotations
 
@@ -30,11 +35,12 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Callable
+from typing import Any, NoReturn
 
 import ml_collections as mlc
 
 from wsss_jax import fs
+from wsss_jax.stages import registry
 
 MIN_FREE_MB = 200
 OPTIMIZERS = ("sgd", "nesterov", "adamw")   # train/optim.py:_group_tx
@@ -45,49 +51,39 @@ POOLS = ("gap", "tap")                      # models/heads.py:CAMHead
 RENAMED = {"on_error": "on_bad_input"}
 
 
-class ConfigError(ValueError):
-  """The config cannot run as given; the message lists every problem with its key."""
-
-
-def _get(config: mlc.ConfigDict, dotted: str, default: Any = None) -> Any:
-  node = config
-  for part in dotted.split("."):
-    if not isinstance(node, (mlc.ConfigDict, dict)) or part not in node:
-      return default
-    node = node[part]
-  return node
+ConfigError = registry.ConfigError
+_get = registry.get
 
 
 def _enum_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
   # Imported here: the registries pull in models and methods, which `--help` need not load.
   from wsss_jax import methods  # pylint: disable=g-import-not-at-top
-  from wsss_jax.models import lowering, registry  # pylint: disable=g-import-not-at-top
-  from wsss_jax.ops import pseudo_labels  # pylint: disable=g-import-not-at-top
-  from wsss_jax.stages import cams, pseudo, seg  # pylint: disable=g-import-not-at-top
+  from wsss_jax.models import lowering  # pylint: disable=g-import-not-at-top
+  from wsss_jax.models import registry as models  # pylint: disable=g-import-not-at-top
   from wsss_jax.train import optim  # pylint: disable=g-import-not-at-top
 
-  choices: list[tuple[str, tuple[Any, ...], bool]] = [
-      ("method", tuple(k for k in methods.FACTORIES if k != "seg"), True),
-      ("model.backbone", registry.BACKBONES, True),
-      ("model.norm", NORMS, True),
-      ("model.pool", POOLS, True),
-      ("model.depthwise_impl", lowering.DEPTHWISE_IMPLS, True),
-      ("model.pointwise_impl", lowering.POINTWISE_IMPLS, True),
-      ("model.maxpool_impl", lowering.MAXPOOL_IMPLS, True),
-      ("optim.name", OPTIMIZERS, True),
-      ("mesh.step_impl", STEP_IMPLS, True),
-      ("cams.variables", cams.CAM_VARIABLES, "cams" in stages),
-      ("pseudo.mode", pseudo_labels.MODES, "pseudo" in stages),
-      ("pseudo.crf", tuple(pseudo.CRF_PRESETS), "pseudo" in stages),
-      ("seg.pseudo_source", seg.PSEUDO_SOURCES, bool({"seg", "evaluate"} & set(stages))),
-  ]
+  choices: dict[str, tuple[Any, ...]] = {
+      "method": tuple(k for k in methods.FACTORIES if k != "seg"),
+      "model.backbone": models.BACKBONES,
+      "model.norm": NORMS,
+      "model.pool": POOLS,
+      "model.depthwise_impl": lowering.DEPTHWISE_IMPLS,
+      "model.pointwise_impl": lowering.POINTWISE_IMPLS,
+      "model.maxpool_impl": lowering.MAXPOOL_IMPLS,
+      "optim.name": OPTIMIZERS,
+      "mesh.step_impl": STEP_IMPLS,
+  }
+  # Each listed stage's own enumerations, declared once in the registry (evaluate reads
+  # the seg stage's `seg.pseudo_source`).
+  for name in stages + (["seg"] if "evaluate" in stages else []):
+    choices.update(registry.stage(name).choices())
   problems = []
-  for key, allowed, relevant in choices:
+  for key, allowed in choices.items():
     value = _get(config, key)
-    if relevant and value is not None and value not in allowed:
+    if value is not None and value not in allowed:
       problems.append(f"{key}={value!r}; expected one of {list(allowed)}")
   problems += _superpixel_problems(config, stages)
-  for call in (lambda: registry.compute_dtype(config.model),
+  for call in (lambda: models.compute_dtype(config.model),
                lambda: optim.make_schedule(config.optim, max(int(config.train.num_steps), 1))):
     try:
       call()
@@ -126,7 +122,7 @@ def _superpixel_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]
 
 def _count_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
   from wsss_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from wsss_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
   problems = []
   steps = {"train": "train.num_steps", "baseline": "baseline.num_steps",
@@ -152,65 +148,70 @@ def _count_problems(config: mlc.ConfigDict, stages: list[str]) -> list[str]:
   return problems
 
 
-def _stage_inputs(config: mlc.ConfigDict, workdir: str
-                  ) -> dict[str, list[tuple[str, str, Callable[[], bool]]]]:
-  """Stage -> [(what it needs, the stage that makes it, whether it is on disk now)]."""
-  from wsss_jax.stages import inference  # pylint: disable=g-import-not-at-top
-  weights = inference.VARIABLES_FILE
-
-  def exists(*parts: str) -> Callable[[], bool]:
-    return lambda: fs.exists(os.path.join(workdir, *parts))
-
-  d = config.data
-  which = str(_get(config, "cams.variables", "train"))
-  seg_dir = "seg" if _get(config, "seg.pseudo_source", "pseudo") == "pseudo" else "seg_gt"
-  splits = list(dict.fromkeys([d.train_split, d.sweep_split]))
-  needs: dict[str, list[tuple[str, str, Callable[[], bool]]]] = {
-      "cams": [(f"{which}/{weights} (cams.variables={which!r})", which,
-                exists(which, weights))],
-      "sweep": [(f"cams/{d.sweep_split}/complete.json", "cams",
-                 exists("cams", d.sweep_split, "complete.json"))],
-      "pseudo": [(f"cams/{s}/complete.json", "cams", exists("cams", s, "complete.json"))
-                 for s in splits],
-      "evaluate": [(f"{seg_dir}/{weights}", "seg", exists(seg_dir, weights))],
-  }
-  if float(_get(config, "pseudo.fg_threshold", 0.0)) < 0:
-    needs["pseudo"].append(("sweep.json (pseudo.fg_threshold<0 takes its best threshold)",
-                            "sweep", exists("sweep.json")))
-  # A method may train the segmenter from its own label folder (SPML: seg.pseudo_dir,
-  # made by its own stage); only the pseudo stage's folder has a known producer.
-  own_labels = (_get(config, "seg.pseudo_dir", "") or "pseudo") != "pseudo"
-  if _get(config, "seg.pseudo_source", "pseudo") == "pseudo" and not own_labels:
-    needs["seg"] = [("pseudo/complete.json (seg.pseudo_source='pseudo')", "pseudo",
-                     exists("pseudo", "complete.json"))]
-  init_from = str(_get(config, "train.init_from", "") or "")
-  if init_from == "baseline":
-    needs["train"] = [(f"baseline/{weights} (train.init_from='baseline')", "baseline",
-                       exists("baseline", weights))]
-  return needs
-
-
 def _input_problems(config: mlc.ConfigDict, stages: list[str], workdir: str) -> list[str]:
-  from wsss_jax.stages import inference  # pylint: disable=g-import-not-at-top
+  """Each listed stage's inputs (`Stage.needs`) come from an earlier listed stage or are on
+  disk (the `markers` of the stage that makes them); `train.init_from=PATH` exists."""
   problems = []
-  needs = _stage_inputs(config, workdir)
-  for position, stage in enumerate(stages):
+  for position, name in enumerate(stages):
     earlier = stages[:position]
-    for what, producer, on_disk in needs.get(stage, []):
-      if producer not in earlier and not on_disk():
-        problems.append(
-            f"stage {stage!r} needs {os.path.join(workdir, what)}, which does not exist and "
-            f"no earlier stage makes it: add {producer!r} before {stage!r} in config.stages "
-            f"(now {','.join(stages)})")
+    for need in registry.stage(name).needs(config):
+      maker = registry.stage(need.stage)
+      if need.stage == "data" or need.stage in earlier:
+        continue  # every stage prepares the dataset itself
+      why = f" ({need.why})" if need.why else ""
+      for marker in maker.markers(config):
+        if not fs.exists(os.path.join(workdir, marker)):
+          problems.append(
+              f"stage {name!r} needs {os.path.join(workdir, marker)}{why}, which does not "
+              f"exist and no earlier stage makes it: add {need.stage!r} before {name!r} in "
+              f"config.stages (now {','.join(stages)})")
   init_from = str(_get(config, "train.init_from", "") or "")
   if "train" in stages and init_from not in ("", "baseline"):
     path = init_from
     if fs.isdir(path):
-      path = os.path.join(path, inference.VARIABLES_FILE)
+      path = os.path.join(path, registry.VARIABLES_FILE)
     if not fs.exists(path):
       problems.append(f"train.init_from={init_from!r}: {path} does not exist; give a "
-                      f"{inference.VARIABLES_FILE} written by a train or baseline stage")
+                      f"{registry.VARIABLES_FILE} written by a train or baseline stage")
   return problems
+
+
+def _setup_problems(config: mlc.ConfigDict, scans: dict[str, Any]
+                    ) -> tuple[list[str], list[str]]:
+  """(the listed stages, problems of the stage list, dataset, data root and `rerun`).
+
+  The dataset is scanned here (a listing, nothing is built), so a root that is not in the
+  VOC/COCO layout or lacks a configured split is one line, not a traceback from the build.
+  """
+  from wsss_jax.stages import provenance  # pylint: disable=g-import-not-at-top
+  problems = []
+  try:
+    stages = registry.parse_stages(_get(config, "stages", ""))
+  except ValueError as e:
+    stages = [s for s in str(_get(config, "stages", "")).split(",") if s in registry.BY_NAME]
+    problems.append(str(e))
+  rerun = _get(config, "rerun", "")
+  if rerun not in provenance.RERUN_MODES:
+    problems.append(f"rerun={rerun!r}; expected '' (stop when outputs on disk came from "
+                    "other settings) or 'changed' (recompute them)")
+  d = config.data
+  on_bad = _get(config, "data.on_bad_input", "error")
+  if on_bad not in ("error", "skip"):
+    problems.append(f"data.on_bad_input={on_bad!r}; expected 'error' or 'skip'")
+  from wsss_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if d.name not in sources.DATASETS:
+    problems.append(f"config.data.name={d.name!r}; expected one of {sources.DATASETS}")
+  elif d.name in ("voc", "coco") and not d.root:
+    problems.append(f"config.data.name={d.name!r} needs --config.data.root=DIR")
+  elif d.name in ("voc", "coco") and not os.path.isdir(d.root):
+    problems.append(f"config.data.root={d.root!r} is not a directory")
+  elif on_bad in ("error", "skip"):
+    try:
+      registry.identities(config, scans)("data")   # scans the root, builds nothing
+    except ValueError as e:  # BadInputError: the layout; ValueError: a split
+      problems.append(f"config.data.root={d.root!r}: {e}" if d.name != "synthetic"
+                      else f"config.data: {e}")
+  return stages, problems
 
 
 def free_space_problems(workdir: str, min_free_mb: float | None = None) -> list[str]:
@@ -239,16 +240,37 @@ def free_space_problems(workdir: str, min_free_mb: float | None = None) -> list[
   return []
 
 
+def fatal(where: str, error: BaseException | str) -> NoReturn:
+  """Exits with 1 after one line `FATAL: <where>: <what>`, as absl does for flag errors.
+
+  ml_collections reports what a config file raised (an unknown `:arg`, a file that does
+  not exist or does not load) with a traceback in the text: only its last line is kept.
+  """
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  reason = lines[-1] if lines else type(error).__name__
+  sys.stderr.write(f"FATAL: {where + ': ' if where else ''}{reason}\n")
+  sys.exit(1)
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error for an override of a key the config lacks.
+  """absl's flag parsing, with one line instead of a traceback for what the config file
+  rejects: an override of a key the config lacks, an unknown `file.py:arg`, a config file
+  that does not exist or does not load.
 
   ml_collections raises a KeyError/AttributeError deep in flag parsing (`'lrr'\nDid you
   mean "lr"?`); this names the command-line argument, the suggestion, and exits with 1
   as absl does for other flag errors.
   """
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)   # what absl's app.run does, with our messages on failure
+  except (flags.Error, ValueError, OSError) as e:
+    text = str(e)
+    flag, sep, rest = text.partition(": ")
+    if isinstance(e, flags.Error) and sep:   # "flag --config=...: <what went wrong>"
+      fatal(flag.removeprefix("flag "), rest)
+    given = [a for a in argv[1:] if a.startswith("--config=")]
+    fatal(given[0] if given and not isinstance(e, flags.Error) else "", text)
   except (AttributeError, KeyError) as e:
     # The text is a (nested) repr: `'\'lrr\'\nDid you mean "lr" instead of "lrr"?'`.
     text = str(e)
@@ -266,14 +288,22 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
-def check(config: mlc.ConfigDict, workdir: str) -> None:
-  """Raises `ConfigError` listing every problem found; returns quietly otherwise."""
-  from wsss_jax.stages import runner  # pylint: disable=g-import-not-at-top
-  stages = runner.parse_stages(config.stages)
+def check(config: mlc.ConfigDict, workdir: str) -> list[str]:
+  """Returns the listed stages; raises `ConfigError` listing every problem found."""
   workdir = fs.absolute(workdir)
-  problems = (_enum_problems(config, stages) + _count_problems(config, stages)
-              + _input_problems(config, stages, workdir) + free_space_problems(workdir))
+  scans: dict[str, Any] = {}   # the dataset is scanned once
+  stages, problems = _setup_problems(config, scans)
+  problems += _enum_problems(config, stages) + _count_problems(config, stages)
+  if not problems:
+    try:  # the stages' inputs form no cycle (and the settings can be read)
+      identity = registry.identities(config, scans)
+      for name in stages:
+        identity(name)
+    except ValueError as e:
+      problems.append(str(e))
+  problems += _input_problems(config, stages, workdir) + free_space_problems(workdir)
   if problems:
     raise ConfigError(f"The config cannot run ({len(problems)} problem"
                       f"{'s' if len(problems) > 1 else ''}; nothing was started):\n  - "
                       + "\n  - ".join(problems))
+  return stages

@@ -18,77 +18,37 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
-from PIL import Image
 
 from wsss_jax import fs
-from wsss_jax.data import palette
+from wsss_jax.data import label_sources
 from wsss_jax.data import sources
-from wsss_jax.data import transforms
 from wsss_jax.ops import crf as crf_lib
-from wsss_jax.ops import metrics
+from wsss_jax.ops import image as image_ops
 from wsss_jax.ops import pseudo_labels
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.stages import cam_store
 from wsss_jax.stages import figures
 from wsss_jax.stages import inference
-from wsss_jax.stages import sweep as sweep_stage
+from wsss_jax.stages import registry
+from wsss_jax.stages import scoring
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import mesh as mesh_lib
 
-CRF_PRESETS = {"label": crf_lib.LABEL_CRF, "psa": crf_lib.PSA_CRF,
-               "deeplab": crf_lib.DEEPLAB_CRF}
 GALLERY_SIZE = 6
+OUT_DIR = "pseudo"
 
 
 def pseudo_dir(workdir: str) -> str:
-  return os.path.join(workdir, "pseudo")
+  return os.path.join(workdir, OUT_DIR)
 
 
-def label_path(workdir: str, image_id: str) -> str:
-  return os.path.join(pseudo_dir(workdir), f"{image_id}.png")
-
-
-def read_label(path: str) -> np.ndarray:
-  """uint8 [H, W] class ids of a pseudo-label PNG (palette indices)."""
-  try:
-    with fs.open_file(path, "rb") as f:
-      return np.asarray(Image.open(f), np.uint8)
-  except OSError as e:
-    raise ValueError(f"{path}: unreadable pseudo-label ({e}); delete it to recompute") from e
-
-
-def foreground_threshold(config: mlc.ConfigDict, workdir: str) -> float:
-  t = float(config.pseudo.fg_threshold)
-  if t >= 0:
-    return t
-  path = os.path.join(workdir, sweep_stage.SWEEP_FILE)
-  if not fs.exists(path):
-    raise FileNotFoundError(f"{path} missing: pseudo.fg_threshold<0 takes the sweep's best "
-                            "threshold, so run the sweep stage first")
-  return float(wd.read_json(path)["best_threshold"])
-
-
-def dense_cams_batch(batch: dict[str, np.ndarray], cam_dir: str, num_fg: int
-                     ) -> dict[str, np.ndarray]:
-  """CAMs from disk for the images of an eval batch: float32 [B, P, P, K], zero-padded."""
-  b, p = batch["image"].shape[:2]
-  out = np.zeros((b, p, p, num_fg), np.float32)
-  for k, (image_id, index) in enumerate(zip(batch["id"], batch["index"])):
-    if index < 0:
-      continue
-    dense = cam_store.dense_scores(cam_store.load(cam_dir, str(image_id)), num_fg)
-    h, w = dense.shape[1:]
-    out[k, :h, :w] = dense.transpose(1, 2, 0)
-  return {"cams": out}
-
-
-def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
-                mesh: Any) -> list[str]:
-  """Writes the pseudo-label PNGs of `split` (skipping existing ones); returns the ids."""
+def make_labels(config: mlc.ConfigDict, workdir: str, split: str,
+                settings: dict[str, Any], mesh: Any) -> None:
+  """Writes the pseudo-label PNGs of `split` (skipping existing ones) with `settings`
+  (`_label_settings`: mode, resolved fg_threshold, bg_threshold, crf, crf_iters)."""
   meta = sources.get_meta(config.data)
-  pc = config.pseudo
-  params = CRF_PRESETS[pc.crf]
+  s = settings
+  params = crf_lib.PRESETS[s["crf"]]
   # The CRF runs over background + each image's classes: as many channels as the most
   # classes an image of the split has (MSRC: 4 of 16), which sets its cost.
   most = max(sources.split_statistics(config.data, split)["labels_per_image"])
@@ -96,53 +56,28 @@ def make_labels(config: mlc.ConfigDict, workdir: str, split: str, fg_t: float,
 
   def batch_fn(variables, batch):
     del variables  # pseudo-labels need no model
-    images = transforms.denormalize(batch["image"], as_uint8=False)
+    images = image_ops.denormalize(batch["image"], as_uint8=False)
     return {"pseudo": pseudo_labels.pseudo_labels(
         batch["cams"], batch["labels"], jnp.clip(images, 0, 255), batch["valid"],
-        mode=pc.mode, fg_threshold=fg_t, bg_threshold=float(pc.bg_threshold),
-        crf_params=params, crf_iters=int(pc.crf_iters), max_labels=max_labels)}
+        mode=s["mode"], fg_threshold=s["fg_threshold"], bg_threshold=s["bg_threshold"],
+        crf_params=params, crf_iters=s["crf_iters"], max_labels=max_labels)}
 
-  add = functools.partial(dense_cams_batch, cam_dir=cam_store.split_dir(workdir, split),
+  add = functools.partial(cam_store.dense_cams_batch,
+                          cam_dir=cam_store.split_dir(workdir, split),
                           num_fg=meta.num_classes - 1)
-  written = fs.names_in(pseudo_dir(workdir))
-  exists = lambda i: os.path.basename(label_path(workdir, i)) in written
+  directory = pseudo_dir(workdir)
+  written = fs.names_in(directory)
+  exists = lambda i: os.path.basename(label_sources.label_path(directory, i)) in written
   for record, out in inference.predict_split(config, split, batch_fn, mesh, skip=exists,
                                              add_inputs=add, what="pseudo"):
     h, w = record["mask"].shape
-    with wd.atomic_path(label_path(workdir, record["id"])) as tmp:
-      palette.save_palette_png(tmp, out["pseudo"][:h, :w].astype(np.uint8))
-  source = sources.get_source(config.data, split)
-  return [source[i]["id"] for i in range(len(source))]
+    label_sources.write_label(directory, record["id"], out["pseudo"][:h, :w])
 
 
-def score(config: mlc.ConfigDict, workdir: str, split: str) -> dict[str, Any]:
-  """mIoU of the pseudo-labels of `split` against its ground truth.
-
-  Collective: with several processes each scores every process_count-th image and the
-  counts are summed, so every process must call it.
-  """
-  meta = sources.get_meta(config.data)
-  source = sources.get_source(config.data, split)
-  c = meta.num_classes
-  conf_full = np.zeros((c, c), np.int64)
-  conf_labelled = np.zeros((c, c), np.int64)
-  labelled = total = 0
-  for i in distributed.shard_range(len(source)):
-    record = source[i]
-    label = read_label(label_path(workdir, record["id"]))
-    unsure = label == pseudo_labels.IGNORE
-    conf_full += metrics.confusion_matrix_np(record["mask"], np.where(unsure, 0, label), c)
-    conf_labelled += metrics.confusion_matrix_np(record["mask"], label, c, valid=~unsure)
-    labelled += int((~unsure).sum())
-    total += unsure.size
-  conf_full, conf_labelled, (labelled, total) = (
-      distributed.sum_over_processes(x) for x in
-      (conf_full, conf_labelled, np.asarray([labelled, total], np.int64)))
-  per_class, miou = metrics.iou_from_confusion_np(conf_full)
-  _, miou_labelled = metrics.iou_from_confusion_np(conf_labelled)
-  return {"pseudo_miou": float(miou), "pseudo_per_class_iou": [float(x) for x in per_class],
-          "pseudo_miou_labelled": float(miou_labelled),
-          "pseudo_labelled_fraction": labelled / max(total, 1)}
+def score(config: mlc.ConfigDict, label_dir: str, split: str) -> dict[str, Any]:
+  """`pseudo_*` scores of the label PNGs in `label_dir` on `split` (`scoring.label_files`;
+  collective: every process must call it)."""
+  return {f"pseudo_{k}": v for k, v in scoring.label_files(config, label_dir, split).items()}
 
 
 def gallery(config: mlc.ConfigDict, workdir: str, split: str) -> None:
@@ -152,19 +87,23 @@ def gallery(config: mlc.ConfigDict, workdir: str, split: str) -> None:
       os.path.join(workdir, "figures", "pseudo_gallery.png"),
       [r["image"] for r in records],
       {"ground truth": [r["mask"] for r in records],
-       "pseudo": [read_label(label_path(workdir, r["id"])) for r in records]},
+       "pseudo": [label_sources.read_label(
+           label_sources.label_path(pseudo_dir(workdir), r["id"])) for r in records]},
       [f"{r['id']} ({split})" for r in records], sources.get_meta(config.data).class_names)
 
 
+def _label_settings(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The labels' parameters: the registry's `pseudo.*` settings (the one reading of
+  `config.pseudo`), the foreground threshold resolved from sweep.json when < 0."""
+  s = registry.stage_settings(config, "pseudo")
+  return {"mode": s["pseudo.mode"], "fg_threshold": wd.foreground_threshold(config, workdir),
+          "bg_threshold": float(s["pseudo.bg_threshold"]), "crf": s["pseudo.crf"],
+          "crf_iters": int(s["pseudo.crf_iters"])}
+
+
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  if config.pseudo.crf not in CRF_PRESETS:
-    raise ValueError(f"config.pseudo.crf={config.pseudo.crf!r}; expected one of "
-                     f"{sorted(CRF_PRESETS)}")
   marker = os.path.join(pseudo_dir(workdir), "complete.json")
-  fg_t = foreground_threshold(config, workdir)
-  settings = {"mode": config.pseudo.mode, "fg_threshold": fg_t,
-              "bg_threshold": float(config.pseudo.bg_threshold), "crf": config.pseudo.crf,
-              "crf_iters": int(config.pseudo.crf_iters)}
+  settings = _label_settings(config, workdir)
   if fs.exists(marker) and wd.read_json(marker).get("settings") == settings:
     return wd.read_json(marker)["scores"]
   settings_path = os.path.join(pseudo_dir(workdir), "settings.json")
@@ -175,11 +114,12 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     wd.write_json(settings_path, settings)
   distributed.barrier("pseudo:settings")
   mesh = mesh_lib.make_mesh(config.mesh)
-  for split in dict.fromkeys([config.data.train_split, config.data.sweep_split]):
-    make_labels(config, workdir, split, fg_t, mesh)
+  for split in registry.splits(config):
+    make_labels(config, workdir, split, settings, mesh)
   distributed.barrier("pseudo:labels")  # each process wrote its own images' labels
-  scores = score(config, workdir, config.data.sweep_split)
-  scores["pseudo_threshold"] = fg_t
+  scores = score(config, pseudo_dir(workdir), config.data.sweep_split)
+  scores["pseudo_threshold"] = settings["fg_threshold"]
+  scores["pseudo_split"] = config.data.sweep_split
   if distributed.is_chief():
     gallery(config, workdir, config.data.sweep_split)
     wd.write_json(marker, {"settings": settings, "scores": scores})

@@ -1,15 +1,15 @@
-"""Runs `config.stages` in order in one work directory; each stage skips itself when done.
+"""Runs `config.stages` in order in one work directory, after checking the config and the
+outputs already there (`preflight`, `provenance`); a stage that is up to date is skipped.
 
 This is the library form of the `wsss` command: notebooks call `run_stages` directly.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
@@ -17,55 +17,12 @@ import ml_collections as mlc
 
 from wsss_jax import fs
 from wsss_jax.data import sources
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import preemption
+from wsss_jax.stages import preflight
+from wsss_jax.stages import provenance
+from wsss_jax.stages import registry
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import preemption
-
-# Stage name -> module under wsss_jax.stages with `run(config, workdir) -> dict`.
-# Modules are imported lazily so the `data` stage does not pay for model imports.
-STAGE_MODULES = {
-    "data": "wsss_jax.stages.data",
-    "baseline": "wsss_jax.stages.baseline",
-    "train": "wsss_jax.stages.train",
-    "cams": "wsss_jax.stages.cams",
-    "sweep": "wsss_jax.stages.sweep",
-    "pseudo": "wsss_jax.stages.pseudo",
-    "spml_labels": "wsss_jax.stages.spml_labels",
-    "spml_bootstrap": "wsss_jax.stages.spml_bootstrap",
-    "seg": "wsss_jax.stages.seg",
-    "evaluate": "wsss_jax.stages.evaluate",
-}
-DATASETS = ("synthetic", "voc", "coco")
-
-
-def parse_stages(stages: str | tuple[str, ...] | list[str]) -> list[str]:
-  """Accepts 'a,b,c' or a sequence; rejects unknown names with the accepted list."""
-  names = [s.strip() for s in stages.split(",")] if isinstance(stages, str) else list(stages)
-  names = [s for s in names if s]
-  unknown = [s for s in names if s not in STAGE_MODULES]
-  if unknown:
-    raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {list(STAGE_MODULES)}")
-  if not names:
-    raise ValueError("config.stages is empty; give e.g. --config.stages=data,train")
-  return names
-
-
-def validate(config: mlc.ConfigDict) -> None:
-  """Checks the keys whose values are enumerations, with messages that name the key."""
-  parse_stages(config.stages)
-  if config.data.name not in DATASETS:
-    raise ValueError(f"config.data.name={config.data.name!r}; expected one of {DATASETS}")
-  if config.data.name in ("voc", "coco") and not config.data.root:
-    raise ValueError(f"config.data.name={config.data.name!r} needs --config.data.root=DIR")
-  if config.data.name in ("voc", "coco") and not os.path.isdir(config.data.root):
-    raise ValueError(f"config.data.root={config.data.root!r} is not a directory")
-  if config.data.on_bad_input not in ("error", "skip"):
-    raise ValueError(
-        f"config.data.on_bad_input={config.data.on_bad_input!r}; expected 'error' or 'skip'")
-
-
-def stage_function(name: str) -> Callable[[mlc.ConfigDict, str], dict[str, Any]]:
-  return importlib.import_module(STAGE_MODULES[name]).run
 
 
 def enable_compilation_cache() -> None:
@@ -82,46 +39,92 @@ def enable_compilation_cache() -> None:
 
 
 def run_stages(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Writes workdir/config.json, runs each stage, records timings; returns results.json.
+  """Checks, then runs each stage of `config.stages`; returns results.json.
 
-  With several processes (`train.distributed`) every process runs every stage on its
+  Before any work: every config and environment problem (`preflight.check`), then every
+  output already in `workdir` against this config's fingerprints (`provenance.check`:
+  stops naming the changed keys, or with `config.rerun='changed'` deletes what they
+  invalidate). Only then is `config.json` written. A stage whose outputs are complete with
+  this config's fingerprint is skipped; one with partial outputs resumes. results.json is
+  rebuilt from the stage records after each stage, so it lists only outputs on disk.
+
+  With several processes (`runtime.distributed`) every process runs every stage on its
   share of the work; `workdir` must be one folder all of them see (a shared file system).
-  Process 0 writes config.json and results.json.
+  Process 0 writes config.json, the records and results.json.
   """
-  validate(config)
-  # Before any build or compile: every config/environment problem at once, keys named.
-  from wsss_jax.stages import preflight  # pylint: disable=g-import-not-at-top
-  preflight.check(config, workdir)
-  enable_compilation_cache()
+  stages = preflight.check(config, workdir)
   workdir = fs.absolute(workdir)
+  current = provenance.check(config, workdir, stages)
+  enable_compilation_cache()
+  # Every process decides what to skip from the same disk state, before any is written.
+  distributed.barrier("stages:checked")
   chief = distributed.is_chief()
   fs.makedirs(workdir)
-  if chief:
-    wd.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    wd.update_results(workdir, versions=software_versions(), method=config.method,
-                      dataset=config.data.name, backbone=config.model.backbone)
   # Every process prepares the dataset itself (no process waits in a collective through a
   # long build): concurrent builds of one folder are safe (builders.build_atomically), and
   # hosts with their own cache need their own copy anyway.
   distributed.check_shared_workdir(workdir)
-  for name in parse_stages(config.stages):
+  header = {"versions": software_versions(), "method": config.method,
+            "dataset": config.data.name, "backbone": config.model.backbone}
+  if chief:
+    wd.write_json(os.path.join(workdir, provenance.CONFIG_FILE), config.to_dict())
+    wd.write_json(os.path.join(workdir, wd.RESULTS),
+                  provenance.results(config, workdir, header))
+  for name in stages:
     preemption.raise_if_requested(f"the start of stage {name!r}")
-    logging.info("Stage %s: start", name)
+    outputs = current.current(name)
+    run, reason = _skip_or_resume(outputs, workdir)
+    if not run:
+      logging.info("Stage %s: skipped, %s", name, reason)
+      continue
+    logging.info("Stage %s: start%s", name, f" ({reason})" if reason else "")
+    if chief:
+      provenance.write_record(workdir, outputs.stage, config, outputs.identity,
+                              status="running", seconds=_seconds(outputs))
     start = time.time()
-    values = stage_function(name)(config, workdir) or {}
-    seconds = round(time.time() - start, 2)
+    values = outputs.stage.function()(config, workdir) or {}
+    seconds = time.time() - start
     distributed.barrier(f"stage:{name}")  # every process's files of the stage exist
     if chief:
-      # Total wall time spent in the stage over all (resumed) runs of this workdir.
-      timings = wd.read_results(workdir).get("timings", {})
-      timings[name] = round(timings.get(name, 0.0) + seconds, 2)
-      wd.update_results(workdir, timings=timings, **values)
+      # Wall time spent in the stage over all (resumed) runs with this fingerprint.
+      provenance.write_record(workdir, outputs.stage, config, outputs.identity,
+                              status="done", values=values,
+                              seconds=_seconds(outputs) + seconds)
+      wd.write_json(os.path.join(workdir, wd.RESULTS),
+                    provenance.results(config, workdir, header))
     logging.info("Stage %s: done in %.1f s", name, seconds)
   distributed.barrier("stages:done")
   results = wd.read_results(workdir)
   if chief:
-    print(summary_table(results))
+    print(summary_table(results, workdir, stages))
   return results
+
+
+def _seconds(outputs: provenance.Outputs) -> float:
+  """Seconds already spent on these outputs (a resumed or rescored stage adds to them)."""
+  rec = outputs.record or {}
+  same = rec.get("fingerprint") == outputs.identity.fingerprint
+  return float(rec.get("seconds", 0.0)) if same else 0.0
+
+
+def _skip_or_resume(outputs: provenance.Outputs, workdir: str) -> tuple[bool, str]:
+  """(whether the stage runs, why; '' for a fresh start)."""
+  rec = outputs.record
+  fp = outputs.identity.fingerprint
+  if outputs.done(workdir):
+    if rec.get("report") != outputs.identity.report:
+      changed = ", ".join(k for k, _, _ in provenance.changed_keys(rec.get("report", {}),
+                                                                   outputs.identity.report))
+      return True, f"outputs up to date (fingerprint {fp}); rescoring: {changed} changed"
+    if outputs.stage.always_run:
+      return True, f"cheap, so it always runs; outputs up to date (fingerprint {fp})"
+    return False, f"its outputs are up to date (fingerprint {fp})"
+  if rec is not None:
+    return True, f"resuming the partial outputs in {outputs.home} (fingerprint {fp})"
+  if fs.exists(os.path.join(workdir, outputs.home.rstrip("/"))):
+    return True, (f"resuming {outputs.home}: outputs without a fingerprint record, "
+                  "adopted (see the check above)")
+  return True, ""
 
 
 def software_versions() -> dict[str, str]:
@@ -153,16 +156,32 @@ def git_revision() -> str:
   return head + ("+dirty" if dirty else "")
 
 
-def summary_table(results: dict[str, Any]) -> str:
-  """The short text table printed at the end of a run."""
+# Headline scores and the results.json key that names the split each is computed on.
+HEADLINE_SPLITS = (("train_map", "train_map_split"), ("cam_miou", "cam_split"),
+                   ("cam_threshold", "cam_split"), ("pseudo_miou", "pseudo_split"),
+                   ("seg_miou", "seg_split"), ("seg_gt_miou", "seg_split"))
+
+
+def summary_table(results: dict[str, Any], workdir: str = "",
+                  stages: list[str] | None = None) -> str:
+  """The short text table printed at the end of a run: headline scores with their split,
+  stage times in pipeline order (`stages` first), and where the files are."""
   rows = [("method", results.get("method")), ("dataset", results.get("dataset")),
           ("backbone", results.get("backbone"))]
-  for key in ("train_map", "cam_miou", "cam_threshold", "pseudo_miou", "seg_miou",
-              "seg_gt_miou"):
+  for key, split_key in HEADLINE_SPLITS:
     if key in results:
       value = results[key]
-      rows.append((key, f"{value:.4f}" if isinstance(value, float) else value))
-  for stage, seconds in results.get("timings", {}).items():
-    rows.append((f"time[{stage}] s", seconds))
+      split = results.get(split_key)
+      rows.append((f"{key} ({split})" if split else key,
+                   f"{value:.4f}" if isinstance(value, float) else value))
+  timings = results.get("timings", {})
+  order = list(dict.fromkeys(list(stages or []) + list(registry.NAMES)))
+  for stage in order:
+    if stage in timings:
+      rows.append((f"time[{stage}] s", timings[stage]))
+  if workdir:
+    rows.append(("results", os.path.join(workdir, wd.RESULTS)))
+    if fs.isdir(os.path.join(workdir, "figures")):
+      rows.append(("figures", os.path.join(workdir, "figures") + os.sep))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -11,7 +11,7 @@ Image tags only, after `spml_labels`, whose nearest-prototype labels
 2. If r < rounds, the next round's labels (the reference's `pseudo_softmax.py` followed
    by nearest-prototype propagation): classifier r's logits averaged over `label_scales`
    + flip, softmax, each class divided by its maximum over the image, classes absent
-   from the tags zeroed (`spml_labels.bootstrap_scores`); a random walk of 2^`rw_logt`
+   from the tags zeroed (`ops.propagation.bootstrap_scores`); a random walk of 2^`rw_logt`
    steps (T^1 in the reference); then `spml_labels` step 2 ->
    `workdir/spml_boot/round<r+1>/pseudo`.
 
@@ -40,19 +40,21 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from wsss_jax import fs
+from wsss_jax.data import label_sources
 from wsss_jax.data import sources
 from wsss_jax.methods import seg as seg_method
 from wsss_jax.methods import spml
+from wsss_jax.ops import propagation
 from wsss_jax.ops import seg_inference
 from wsss_jax.stages import inference
-from wsss_jax.stages import pseudo as pseudo_stage
-from wsss_jax.stages import seg as seg_stage
-from wsss_jax.stages import spml_labels
-from wsss_jax.stages import train as train_stage
+from wsss_jax.stages import propagate
+from wsss_jax.stages import registry
+from wsss_jax.stages import scoring
+from wsss_jax.stages import training
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 
-OUT_DIR = "spml_boot"     # final labels in workdir/spml_boot/pseudo/<id>.png
+OUT_DIR = registry.SPML_BOOT_DIR   # final labels in workdir/spml_boot/pseudo/<id>.png
 # The embedding network: everything but the classifier head (`classifier_*`).
 EMBEDDING_PARAMS = (r"^backbone(/|$)", r"^embed_")
 FINAL_KEYS = ("final_scales", "final_crf")   # final inference only: no retraining
@@ -87,7 +89,7 @@ def classifier_config(config: mlc.ConfigDict) -> mlc.ConfigDict:
 def _label_dir(workdir: str, round_: int) -> str:
   """Folder whose `pseudo/<id>.png` are the labels classifier `round_` trains on."""
   if round_ == 1:
-    return os.path.join(workdir, spml_labels.OUT_DIR)
+    return os.path.join(workdir, registry.SPML_LABELS_DIR)
   return os.path.join(workdir, OUT_DIR, f"round{round_}")
 
 
@@ -101,15 +103,15 @@ def train_classifier(config: mlc.ConfigDict, workdir: str, round_: int, num_clas
   c = classifier_config(config)
   out_dir = os.path.join(workdir, OUT_DIR, f"classifier{round_}")
   labels = os.path.join(_label_dir(workdir, round_), "pseudo")
-  seg_stage.check_inputs(out_dir, {"round": round_, **settings})
+  training.check_inputs(out_dir, {"round": round_, **settings})
   model = spml.build_model(c, num_classes, freeze_embedding=True)
   method = dataclasses.replace(seg_method.make_seg_method(c, num_classes, model=model),
                                name="spml_classifier")
-  method = train_stage.with_warm_start(
+  method = training.with_warm_start(
       method, os.path.join(workdir, "train", inference.VARIABLES_FILE))
-  source = seg_stage.PseudoLabelSource(
+  source = label_sources.PseudoLabelSource(
       sources.get_source(c.data, c.data.train_split), workdir, labels)
-  return inference.load_variables(train_stage.train_method(c, out_dir, method, source))
+  return inference.load_variables(training.train_method(c, out_dir, method, source))
 
 
 def _tagged_labels_fn(config: mlc.ConfigDict, model: Any):
@@ -122,10 +124,10 @@ def _tagged_labels_fn(config: mlc.ConfigDict, model: Any):
     probs = seg_inference.multiscale_probs(
         lambda x: inference.forward(model, variables, x)["seg_logits"], images,
         tuple(bc.final_scales), flip)
-    present = spml_labels.present_classes(batch["labels"])
+    present = propagation.present_classes(batch["labels"])
     probs = jnp.where(present[:, None, None, :], probs, 0.0)
     if bc.final_crf:
-      probs = spml_labels.crf_probs(probs, images, valid)
+      probs = propagation.crf_probs(probs, images, valid)
       probs = jnp.where(present[:, None, None, :], probs, -1.0)
     return {"label": jnp.argmax(probs, -1).astype(jnp.int32)}
 
@@ -172,23 +174,26 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     if fs.exists(round_marker) and wd.read_json(round_marker).get("settings") == training:
       scores.update(wd.read_json(round_marker)["scores"])
       continue
-    spml_labels.propagate(config, workdir, model, variables, mesh, next_root,
+    propagate.propagate(config, workdir, model, variables, mesh, next_root,
                           score_source="bootstrap", logt=int(bc.rw_logt),
                           scales=tuple(bc.label_scales))
-    scored = pseudo_stage.score(config, next_root, config.data.sweep_split)
-    round_scores = {f"spml_boot_round{r + 1}_pseudo_miou": scored["pseudo_miou"]}
+    scored = scoring.label_files(config, os.path.join(next_root, "pseudo"),
+                                 config.data.sweep_split)
+    round_scores = {f"spml_boot_round{r + 1}_pseudo_miou": scored["miou"]}
     wd.write_json(round_marker, {"settings": training, "scores": round_scores})
     scores.update(round_scores)
-  scores["spml_boot_miou"] = spml_labels.classifier_miou(
+  scores["spml_boot_miou"] = propagate.classifier_miou(
       config, model, variables, mesh, c, tuple(bc.final_scales), bool(bc.final_crf))
   label_fn = _tagged_labels_fn(config, model)
   for split in dict.fromkeys([config.data.train_split, config.data.sweep_split]):
     for record, out in inference.predict_split(config, split, label_fn, mesh,
                                                variables=variables):
       h, w = record["mask"].shape
-      spml_labels.write_label(out_root, record["id"], out["label"][:h, :w])
-  scored = pseudo_stage.score(config, out_root, config.data.sweep_split)
-  scores.update({f"spml_boot_{k}": v for k, v in scored.items()})
+      label_sources.write_label(os.path.join(out_root, "pseudo"), record["id"],
+                                out["label"][:h, :w])
+  scored = scoring.label_files(config, os.path.join(out_root, "pseudo"),
+                               config.data.sweep_split)
+  scores.update({f"spml_boot_pseudo_{k}": v for k, v in scored.items()})
   wd.write_json(os.path.join(out_root, "pseudo", "settings.json"), settings)
   wd.write_json(marker, {"settings": settings, "scores": scores})
   return scores

@@ -1,65 +1,53 @@
 """`sweep` stage: background-threshold sweep of the CAMs on the sweep split (METHODS §1.1 S3).
 
 For each threshold t a constant background plane of value t is put in front of the CAMs and
-the argmax is scored against the ground truth. Writes `workdir/sweep.json`
-({threshold: mIoU}, best threshold, per-class IoU at the best) and the threshold curve.
+the argmax is scored against the ground truth: `ops.cam.threshold_sweep` gives every
+threshold's confusion matrix in one pass per batch of CAMs read from disk, summed by the
+shared scorer (`scoring.predicted`). Writes `workdir/sweep.json` ({threshold: mIoU}, best
+threshold, per-class IoU at the best) and the threshold curve.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
+import jax
 import ml_collections as mlc
 import numpy as np
 
 from wsss_jax import fs
 from wsss_jax.data import sources
-from wsss_jax.ops import metrics
+from wsss_jax.ops import cam as cam_ops
+from wsss_jax.runtime import distributed
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.stages import cam_store
 from wsss_jax.stages import figures
+from wsss_jax.stages import scoring
 from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
 
-SWEEP_FILE = "sweep.json"
-
-
-def threshold_predictions(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-  """Labels for every threshold at once.
-
-  Args:
-    scores: float32 [K, H, W] CAMs over the fg classes (class id = channel + 1).
-    thresholds: float [T].
-  Returns:
-    int32 [T, H, W]: class id argmax+1 where the best CAM beats t (strictly), else 0. Equal
-    to argmax over [t, cams...] with ties going to background, as `np.argmax` does.
-  """
-  # Compare in the scores' precision: float32(0.4) > float64(0.4).
-  thresholds = np.asarray(thresholds, scores.dtype)
-  if scores.shape[0] == 0:
-    return np.zeros((len(thresholds),) + scores.shape[1:], np.int32)
-  best = scores.max(axis=0)
-  arg = scores.argmax(axis=0).astype(np.int32) + 1
-  return np.where(best[None] > thresholds[:, None, None], arg[None], 0).astype(np.int32)
+SWEEP_FILE = wd.SWEEP_FILE
 
 
 def sweep_confusions(workdir: str, config: mlc.ConfigDict, split: str,
                      thresholds: np.ndarray) -> np.ndarray:
-  """Accumulates int64 [T, C, C] confusion matrices over the split.
+  """int64 [T, C, C] confusion matrices of every threshold over the split's CAMs.
 
-  Collective: each process reads every process_count-th image; the sums are merged.
+  Collective: each process scores its share of the images; the sums are merged.
   """
-  meta = sources.get_meta(config.data)
-  source = sources.get_source(config.data, split)
-  directory = cam_store.split_dir(workdir, split)
-  conf = np.zeros((len(thresholds), meta.num_classes, meta.num_classes), np.int64)
-  for i in distributed.shard_range(len(source)):
-    record = source[i]
-    scores = cam_store.dense_scores(cam_store.load(directory, record["id"]),
-                                    meta.num_classes - 1)
-    preds = threshold_predictions(scores, thresholds)
-    for t in range(len(thresholds)):
-      conf[t] += metrics.confusion_matrix_np(record["mask"], preds[t], meta.num_classes)
-  return distributed.sum_over_processes(conf)
+  c = sources.get_meta(config.data).num_classes
+
+  def batch_fn(variables, batch):
+    del variables  # the CAMs come from disk
+    conf = jax.vmap(lambda cams, labels, gt, valid: cam_ops.threshold_sweep(
+        cams, labels, gt, thresholds, c, valid))(batch["cams"], batch["labels"],
+                                                 batch["mask"], batch["valid"])
+    return {"conf": conf}                                            # [B, T, C, C]
+
+  add = functools.partial(cam_store.dense_cams_batch,
+                          cam_dir=cam_store.split_dir(workdir, split), num_fg=c - 1)
+  return scoring.predicted(config, split, batch_fn, mesh_lib.make_mesh(config.mesh),
+                           num_classes=c, add_inputs=add, conf_shape=(len(thresholds),))
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -71,8 +59,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       return _headline(done)
   split = config.data.sweep_split
   conf = sweep_confusions(workdir, config, split, thresholds)
-  ious = [metrics.iou_from_confusion_np(c) for c in conf]
-  mious = [float(m) for _, m in ious]
+  ious = [scoring.iou(c) for c in conf]
+  mious = [m for _, m in ious]
   best = int(np.argmax(mious))
   meta = sources.get_meta(config.data)
   result = {
@@ -81,7 +69,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       "miou": mious,
       "best_threshold": float(thresholds[best]),
       "best_miou": mious[best],
-      "per_class_iou": [float(x) for x in ious[best][0]],
+      "per_class_iou": ious[best][0],
       "class_names": list(meta.class_names),
   }
   if distributed.is_chief():
@@ -93,4 +81,4 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _headline(result: dict[str, Any]) -> dict[str, Any]:
   return {"cam_miou": result["best_miou"], "cam_threshold": result["best_threshold"],
-          "cam_per_class_iou": result["per_class_iou"]}
+          "cam_per_class_iou": result["per_class_iou"], "cam_split": result["split"]}

@@ -2,170 +2,40 @@
 
 Outputs: `workdir/train/` (checkpoints, metrics.jsonl) and `train/final_variables.msgpack`
 (the marker that the stage is complete). A killed run resumes from the latest checkpoint,
-grain iterator included. Reports `train_map`: mean average precision of the image-level
-classifier on `data.val_split` (classes with at least one positive image).
+grain iterator included. The records come from the method's train source
+(`data.label_sources.train_source`: the dataset's, or e.g. SPML's pseudo-labels with
+superpixels). Reports `train_map`: mean average precision of the image-level classifier on
+`data.val_split` (classes with at least one positive image).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
-from absl import logging
 import ml_collections as mlc
-import numpy as np
-from sklearn.metrics import average_precision_score
 
-from wsss_jax import fs
 from wsss_jax import methods
-from wsss_jax.data import pipeline
+from wsss_jax.data import label_sources
 from wsss_jax.data import sources
-from wsss_jax.stages import inference
-from wsss_jax.stages import workdir as wd
-from wsss_jax.train import distributed
-from wsss_jax.train import loop
-from wsss_jax.train import mesh as mesh_lib
-from wsss_jax.train import rollback
-from wsss_jax.train import warm_start
-
-
-def train_method(config: mlc.ConfigDict, out_dir: str, method: Any, source: Any,
-                 eval_fn: loop.EvalFn | None = None) -> str:
-  """Trains `method` on `source` into `out_dir` (resuming); returns the variables path.
-
-  `eval_fn(state, step)` runs every `config.train.eval_every` steps (0: never).
-  """
-  path = os.path.join(out_dir, inference.VARIABLES_FILE)
-  if fs.exists(path):
-    return path
-  mesh = mesh_lib.make_mesh(config.mesh)
-  # `train.nan_retries > 0`: a NaN/Inf rolls back to the last finite checkpoint and
-  # retries with a lower learning rate (train/rollback.py); `c` is config, LR scaled.
-  state = rollback.train_with_rollback(
-      lambda c: loop.train(
-          method, c, out_dir,
-          lambda: pipeline.train_dataset(source, c.data, seed=c.seed, mesh=mesh), mesh,
-          eval_fn=eval_fn if int(c.train.eval_every) > 0 else None),
-      config, out_dir)
-  exported = method.export_variables(state.params, state.batch_stats, state.extra)
-  inference.save_variables(path, exported["params"], exported["batch_stats"])
-  return path
-
-
-def init_from_path(config: mlc.ConfigDict, workdir: str) -> str:
-  """The variables file named by `config.train.init_from` ('' = none).
-
-  `'baseline'` is the `baseline` stage's output in this work directory; anything else is a
-  path to a `final_variables.msgpack` or to the directory (a stage folder) holding one.
-  """
-  init_from = str(config.train.get("init_from", "") or "")
-  if not init_from:
-    return ""
-  if init_from == "baseline":
-    path = os.path.join(workdir, "baseline", inference.VARIABLES_FILE)
-    hint = "add the 'baseline' stage before 'train' in config.stages"
-  else:
-    path = init_from
-    if fs.isdir(path):
-      path = os.path.join(path, inference.VARIABLES_FILE)
-    hint = "give a final_variables.msgpack written by a train or baseline stage"
-  if not fs.exists(path):
-    raise FileNotFoundError(f"config.train.init_from={init_from!r}: {path} does not exist; "
-                            f"{hint}")
-  return path
-
-
-def with_warm_start(method: Any, path: str) -> Any:
-  """`method` whose initial variables take every matching leaf from the file at `path`.
-
-  The ImageNet weights load first (the method's own `load_pretrained`), then the saved
-  leaves overwrite them; leaves the saved model does not have (new heads) stay as
-  initialised. Only applies to a fresh start: a resumed run restores its checkpoint.
-  """
-  if not path:
-    return method
-  saved = inference.load_variables(path)
-  own = method.load_pretrained
-
-  def load(variables):
-    if own is not None:
-      variables = own(variables)
-    merged, copied, fresh = warm_start.merge_matching(variables, saved, source=path)
-    logging.info("Warm start from %s: %d leaves copied, %d new (%s)", path, len(copied),
-                 len(fresh), ", ".join(sorted({"/".join(f.split("/")[:2]) for f in fresh})))
-    return merged
-
-  return dataclasses.replace(method, load_pretrained=load)
-
-
-def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, list]:
-  """mAP over classes with at least one positive; per-class AP (NaN where none)."""
-  aps = [float(average_precision_score(labels[:, k], scores[:, k]))
-         if labels[:, k].any() else float("nan") for k in range(labels.shape[1])]
-  return float(np.nanmean(aps)) if not np.all(np.isnan(aps)) else float("nan"), aps
+from wsss_jax.runtime import mesh as mesh_lib
+from wsss_jax.stages import training
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   meta = sources.prepare(config.data)
   out_dir = os.path.join(workdir, "train")
-  method = with_warm_start(methods.make_method(config, meta.num_classes),
-                           init_from_path(config, workdir))
+  method = training.with_warm_start(methods.make_method(config, meta.num_classes),
+                                    training.init_from_path(config, workdir))
   mesh = mesh_lib.make_mesh(config.mesh)
-  logits_fn = classification_logits_fn(method.model)  # one function: compiled once
+  logits_fn = training.classification_logits_fn(method.model)  # one function: compiled once
 
   def periodic_eval(state, step):
     del step
     variables = method.export_variables(state.params, state.batch_stats, state.extra)
-    return {"map": classification_map(config, logits_fn, variables, mesh)[0]}
+    return {"map": training.classification_map(config, logits_fn, variables, mesh)[0]}
 
-  source = sources.get_source(config.data, config.data.train_split)
-  if config.method == "spml":  # masks = CAM pseudo-labels or weak labels, + superpixels
-    from wsss_jax.stages import spml_labels  # pylint: disable=import-outside-toplevel
-    source = spml_labels.training_source(config, workdir, source)
-  path = train_method(config, out_dir, method, source,
-                      eval_fn=periodic_eval)
-  scores_path = os.path.join(out_dir, "classification.json")
-  if fs.exists(scores_path):
-    return wd.read_json(scores_path)
-  mean_ap, aps = classification_map(config, logits_fn, inference.load_variables(path),
-                                    mesh)
-  result = {"train_map": mean_ap, "train_ap_per_class": aps,
-            "train_map_split": config.data.val_split}
-  if distributed.is_chief():
-    wd.write_json(scores_path, result)
-  distributed.barrier("train:classification")
-  return result
-
-
-def classification_logits_fn(model: Any):
-  """`(variables, eval batch) -> {'logits': [B, K]}`: masked GAP of the raw class maps."""
-
-  def batch_fn(variables, batch):
-    # Every method's model returns raw class maps `cams` (CONVENTIONS.md).
-    cams = inference.forward(model, variables, batch["image"])["cams"]
-    return {"logits": inference.masked_mean_logits(cams, batch["valid"])}
-
-  return batch_fn
-
-
-def classification_map(config: mlc.ConfigDict, logits_fn: Any, variables: dict[str, Any],
-                       mesh: Any) -> tuple[float, list[float]]:
-  """Image-level mAP on `data.val_split` (`logits_fn` from `classification_logits_fn`).
-
-  Collective: each process scores its share of the images; all get the same mAP.
-  """
-  source = sources.get_source(config.data, config.data.val_split)
-  num_fg = len(source[0]["labels"])
-  index, scores, labels = [], [], []
-  for record, out in inference.predict_split(config, config.data.val_split, logits_fn,
-                                             mesh, variables=variables,
-                                             what="classification mAP"):
-    index.append(record["index"])
-    scores.append(out["logits"])
-    labels.append(np.asarray(record["labels"]) > 0)
-  merged = distributed.gather_indexed(
-      np.asarray(index, np.int64),
-      {"scores": np.asarray(scores, np.float32).reshape(len(index), num_fg),
-       "labels": np.asarray(labels, bool).reshape(len(index), num_fg)},
-      len(source), inference.local_slots(config, len(source)))
-  return mean_average_precision(merged["scores"], merged["labels"])
+  source = label_sources.train_source(
+      config, workdir, sources.get_source(config.data, config.data.train_split))
+  path = training.train_method(config, out_dir, method, source, eval_fn=periodic_eval)
+  return training.classification_scores(config, out_dir, method, path, "train",
+                                        logits_fn=logits_fn)

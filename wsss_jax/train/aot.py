@@ -36,7 +36,7 @@ from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
 from wsss_jax.train import log as log_lib
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib
 

@@ -88,8 +88,22 @@ def _end_cut_line(path: str) -> None:
       f.write(b"\n")
 
 
+def is_event(record: Mapping[str, Any]) -> bool:
+  """A record of something that happened (a NaN stop, a pre-emption), not a measurement:
+  a resumed run keeps it even past the step it resumes from."""
+  return "error" in record or "preempted" in record
+
+
+def is_header(record: Mapping[str, Any]) -> bool:
+  """The record `loop.train` writes when a run (re)starts: model size, compile time."""
+  return "num_params" in record
+
+
 class MetricWriter:
   """Appends `{'step': s, **metrics}` lines to `workdir/metrics.jsonl` (process 0 only).
+
+  A resumed run first calls `rewind(step)`, so every step is logged once: the measurements
+  a killed run logged after its last checkpoint are forgotten before they are logged again.
 
   Args:
     workdir: folder for `metrics.jsonl` (and `tb/` event files).
@@ -107,6 +121,30 @@ class MetricWriter:
       _end_cut_line(self.path)
       if tensorboard:
         self._tb = _make_tb_writer(os.path.join(workdir, "tb"))
+
+  def rewind(self, step: int) -> None:
+    """Drops what earlier runs logged after `step` (the step this run starts from) and
+    their start headers at `step`; events (`is_event`) stay. Lines cut by a kill go too.
+    The file is rewritten atomically."""
+    if not self.chief or not fs.exists(self.path):
+      return
+    kept, dropped = [], 0
+    for line in fs.read_bytes(self.path).decode().splitlines():
+      try:
+        record = json.loads(line)
+        s = int(record.get("step", -1))
+      except (ValueError, TypeError, AttributeError):
+        dropped += 1
+        continue
+      if is_event(record) or s < step or (s == step and not is_header(record)):
+        kept.append(line)
+      else:
+        dropped += 1
+    if dropped:
+      with fs.atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+      logging.info("%s: dropped %d records logged after step %d by an earlier run (it "
+                   "resumes from step %d).", self.path, dropped, step, step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.chief:

@@ -5,11 +5,13 @@ updates of the one train step (`step.make_train_step`), resuming from the newest
 in `workdir/checkpoints` (train state *and* data-iterator position). Outputs in `workdir`:
 
 - `metrics.jsonl`: a `{"step": 0, "num_params": ..., "compile_s": ..., "gflop_per_step_device":
-  ...}` header, then every `train.log_every` steps `step, loss, lr, lr/<group>, l2_grads,
+  ...}` header (at the resumed step after a restart), then every `train.log_every` steps `step, loss, lr, lr/<group>, l2_grads,
   l2_params, l2_updates`, the method's metrics (averaged over the steps since the last log;
   `lr*` and `l2_*` are the last step's values), `step_time`, `img/s`, `img/s/device`,
   `mfu` (accelerators), `tflop/s/device`, `data_wait_frac`, `eta_s`; eval results as
-  `eval/<name>`; a final `{"step": s, "error": ...}` line if the NaN guard fires.
+  `eval/<name>`; a final `{"step": s, "error": ...}` line if the NaN guard fires. A resumed
+  run first drops what the interrupted one logged after the checkpoint it resumes from
+  (`MetricWriter.rewind`): every step is logged once.
 - `checkpoints/<step>/`: every `train.ckpt_every` steps and at the end, the newest
   `train.keep_checkpoints` kept.
 - `tb/`: TensorBoard scalars when `train.tensorboard` and a TF-free writer exists.
@@ -20,7 +22,7 @@ step and metric that went non-finite (`loss*`, `l2_*`). Training then stops with
 `NonFiniteError`; no later checkpoint is written (the checkpointer also refuses non-finite
 states), so the newest checkpoint on disk is the last finite one.
 
-Preemption (`train/preemption.py`): after every step the loop polls the SIGTERM/SIGINT
+Preemption (`runtime/preemption.py`): after every step the loop polls the SIGTERM/SIGINT
 flag; when set it saves a checkpoint of that step (data position included), writes a
 `{"step": s, "preempted": ...}` line and raises `Preempted`. A rerun resumes exactly there.
 """
@@ -39,10 +41,10 @@ from wsss_jax import fs
 from wsss_jax.methods.base import Method
 from wsss_jax.train import checkpoint as ckpt_lib
 from wsss_jax.train import log as log_lib
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import nan_guard
 from wsss_jax.train import optim as optim_lib
-from wsss_jax.train import preemption
+from wsss_jax.runtime import preemption
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib
 from wsss_jax.train.nan_guard import NonFiniteError
@@ -132,6 +134,11 @@ def train(method: Method, config: Any, workdir: str,
     if start >= num_steps:
       logging.info("Training already complete (step %d >= %d).", start, num_steps)
       return state
+    # What an earlier (killed, pre-empted or rolled back) run logged after this step is
+    # logged again below: forget it, so metrics.jsonl has each step once.
+    writer.rewind(start)
+    if start > 0:
+      logging.info("Resuming training in %s from checkpoint step %d.", workdir, start)
 
     # Compiling can take minutes on big models: honour a SIGTERM that came meanwhile.
     preemption.raise_if_requested(f"the start of training in {workdir} (step {start})")

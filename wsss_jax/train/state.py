@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wsss_jax import models
 from wsss_jax.methods.base import Method
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import optim as optim_lib
 
 PyTree = Any

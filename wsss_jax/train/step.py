@@ -44,7 +44,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from wsss_jax.methods import base
-from wsss_jax.train import mesh as mesh_lib
+from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import optim as optim_lib
 from wsss_jax.train.state import TrainState
 

@@ -129,7 +129,7 @@ def should_stop() -> bool:
   _calls += 1
   if _calls % SYNC_EVERY:
     return False
-  from wsss_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  from wsss_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   return not distributed.all_processes_agree(not requested())
 
 

@@ -14,7 +14,7 @@ tests); all processes run the same program on their share of the data. `initiali
    single process and nothing is started.
 
 After start-up every process sees every device (`jax.devices()`), the mesh spans them all,
-and train batches are assembled from per-process shards (`train.mesh.to_global`).
+and train batches are assembled from per-process shards (`runtime.mesh.to_global`).
 
 The helpers below are no-ops (or trivial) in a single process, so stage code calls them
 unconditionally. Results computed per process on the host (confusion matrices, per-image

@@ -3,10 +3,10 @@ per-image scores, confusion matrices, metrics logs and benchmark JSON lines.
 
 Nothing here plots (that is `wsss_jax.viz`) and nothing writes to the work directory:
 notebooks may point at a run that is still going. Every reader reuses the stage that
-wrote the file (`cam_store`, `pseudo.read_label`, `sweep.threshold_predictions`), so what
-a notebook shows is what the pipeline scored.
+wrote the file (`cam_store`, `data.label_sources.read_label`) and the ops that scored it
+(`ops.cam.cams_to_labels`), so what a notebook shows is what the pipeline scored.
 
-  w = inspect.open_workdir("runs/synthetic_cam")
+  w = reader.open_workdir("runs/synthetic_cam")
   w.results["cam_miou"], w.sweep()["best_threshold"]
   rec = w.record(w.sweep_split, 0); cams = w.cams(w.sweep_split, rec["id"])
 """
@@ -22,12 +22,14 @@ import ml_collections as mlc
 import numpy as np
 
 from wsss_jax import fs
+from wsss_jax.data import label_sources
 from wsss_jax.data import sources
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import metrics
+from wsss_jax.ops import cam as cam_ops
+from wsss_jax.ops import crf
 from wsss_jax.ops import pseudo_labels
 from wsss_jax.stages import cam_store
-from wsss_jax.stages import pseudo as pseudo_stage
-from wsss_jax.stages import sweep as sweep_stage
 from wsss_jax.stages import workdir as wd
 
 # results.json keys of the headline table (compare.HEADLINE_KEYS plus the labelled-pixel
@@ -119,7 +121,7 @@ class Workdir:
 
   def sweep(self) -> dict[str, Any] | None:
     """`sweep.json`: thresholds, miou per threshold, best_threshold, per_class_iou."""
-    return self.json(sweep_stage.SWEEP_FILE)
+    return self.json(wd.SWEEP_FILE)
 
   def evaluation(self, prefix: str = "seg") -> dict[str, Any] | None:
     """`<prefix>_evaluate.json` (headline, confusion [C, C], class names) or None."""
@@ -131,8 +133,8 @@ class Workdir:
 
   def pseudo_label(self, image_id: str) -> np.ndarray | None:
     """uint8 [H, W] pseudo-label (255 = unsure), or None if not written."""
-    path = pseudo_stage.label_path(self.path, image_id)
-    return pseudo_stage.read_label(path) if fs.exists(path) else None
+    path = label_sources.label_path(os.path.join(self.path, "pseudo"), image_id)
+    return label_sources.read_label(path) if fs.exists(path) else None
 
   def cam_threshold(self) -> float:
     """The sweep's best background threshold (the config's fallback if not swept yet)."""
@@ -147,7 +149,7 @@ class Workdir:
     """int32 [H, W] CAM label map at `threshold` (default: the sweep's best), as scored."""
     scores = cam_store.dense_scores(self.cams(split, record["id"]), self.num_classes - 1)
     t = self.cam_threshold() if threshold is None else threshold
-    return sweep_stage.threshold_predictions(scores, np.asarray([t]))[0]
+    return np.asarray(cam_ops.cams_to_labels(scores.transpose(1, 2, 0), record["labels"], t))
 
   def metrics_log(self, stage: str = "train") -> list[dict[str, Any]]:
     """`<stage>/metrics.jsonl` as a list of dicts (empty if absent)."""
@@ -204,7 +206,7 @@ def image_miou(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
   confusion matrices instead, as the stages do. Ignore pixels (255) in `gt` do not count;
   255 in `pred` counts as background (as `pseudo_miou` does).
   """
-  pred = np.where(pred == pseudo_labels.IGNORE, 0, pred)
+  pred = np.where(pred == IGNORE_INDEX, 0, pred)
   conf = metrics.confusion_matrix_np(gt, pred, num_classes).astype(np.float64)
   union = conf.sum(0) + conf.sum(1) - np.diag(conf)
   present = union > 0
@@ -255,7 +257,7 @@ def pseudo_confusion(w: Workdir, split: str | None = None) -> np.ndarray:
     label = w.pseudo_label(rec["id"])
     if label is None:
       continue
-    label = np.where(label == pseudo_labels.IGNORE, 0, label)
+    label = np.where(label == IGNORE_INDEX, 0, label)
     conf += metrics.confusion_matrix_np(rec["mask"], label, c)
   return conf
 
@@ -275,7 +277,7 @@ def pseudo_label_modes(w: Workdir, split: str, indices: Sequence[int],
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   pc = w.config.pseudo
   fg_t = w.cam_threshold() if float(pc.fg_threshold) < 0 else float(pc.fg_threshold)
-  params = pseudo_stage.CRF_PRESETS[pc.crf]
+  params = crf.PRESETS[pc.crf]
   iters = int(pc.crf_iters if crf_iters is None else crf_iters)
   out: dict[str, list[np.ndarray]] = {m: [] for m in modes}
   for i in indices:

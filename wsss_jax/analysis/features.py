@@ -27,17 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax import fs
+from wsss_jax.analysis import reader
 from wsss_jax import methods
 from wsss_jax.data import transforms
 from wsss_jax.ops import kmeans as km
 from wsss_jax.ops import memory
+from wsss_jax.ops.norms import l2_normalize
 from wsss_jax.stages import inference
-from wsss_jax.stages import inspect as inspect_lib
 
 Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def model_outputs(w: inspect_lib.Workdir, stage: str = "train", scale: float = 1.0
+def model_outputs(w: reader.Workdir, stage: str = "train", scale: float = 1.0
                   ) -> Extractor:
   """`images uint8 [B, H, W, 3] -> model outputs` (numpy) of the trained model of `stage`.
 
@@ -60,10 +61,6 @@ def model_outputs(w: inspect_lib.Workdir, stage: str = "train", scale: float = 1
 
   fn = jax.jit(forward)
   return lambda images: jax.device_get(fn(variables, transforms.normalize(images)))
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -107,7 +104,7 @@ def _seeded_kmeans(key: jax.Array, points: jax.Array, mask: jax.Array, *, k: int
   # One compiled program per (shape, k): the notebook calls this for every image.
   init = km.kmeans_plusplus_init(key, points, mask, k)
   if spherical:
-    init = init / jnp.maximum(jnp.linalg.norm(init, axis=-1, keepdims=True), 1e-12)
+    init = l2_normalize(init)
   return km.kmeans(points, mask, init, num_iters=num_iters, spherical=spherical)
 
 
@@ -127,7 +124,7 @@ def class_prototypes(features: np.ndarray, labels: np.ndarray, num_classes: int
   pts = l2_normalize(features.reshape(-1, d).astype(np.float32))
   lab = labels.reshape(-1).astype(np.int32)
   centers, counts = km.centers_from_assign(pts, lab < num_classes, lab, num_classes)
-  return {"prototypes": l2_normalize(np.asarray(centers)), "counts": np.asarray(counts)}
+  return {"prototypes": np.asarray(l2_normalize(centers)), "counts": np.asarray(counts)}
 
 
 def similarity_maps(features: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -136,7 +133,7 @@ def similarity_maps(features: np.ndarray, vectors: np.ndarray) -> np.ndarray:
   return np.einsum("hwd,nd->nhw", f, l2_normalize(vectors.astype(np.float32)))
 
 
-def background_mask(w: inspect_lib.Workdir, split: str, record: dict[str, Any],
+def background_mask(w: reader.Workdir, split: str, record: dict[str, Any],
                     size: tuple[int, int]) -> np.ndarray:
   """bool [h, w]: background under the pseudo-label (else the CAM at the best threshold),
   at the feature resolution `size`; FBR takes its NROIs from such pixels."""
@@ -173,7 +170,7 @@ def bank_statistics(bank: memory.FifoBank, step: int,
   return out
 
 
-def nroi_bank_replay(w: inspect_lib.Workdir, extract: Extractor, split: str | None = None, *,
+def nroi_bank_replay(w: reader.Workdir, extract: Extractor, split: str | None = None, *,
                      num_nrois: int = 4, capacity: int = 32, batch_size: int = 4,
                      max_batches: int | None = None, seed: int = 0,
                      feature_key: str = "features") -> list[dict[str, float]]:
@@ -219,7 +216,7 @@ def nroi_bank_replay(w: inspect_lib.Workdir, extract: Extractor, split: str | No
   return history
 
 
-def checkpoint_extra(w: inspect_lib.Workdir, stage: str = "train") -> Any:
+def checkpoint_extra(w: reader.Workdir, stage: str = "train") -> Any:
   """The method's `extra` state (EMA teacher, memory banks, prototypes) from the latest
   orbax checkpoint of `stage`, as a host pytree; None when there is none or it cannot be
   read without the method's target structure. An empty `extra` (the CAM baseline) is
