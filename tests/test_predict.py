@@ -41,7 +41,7 @@ TINY = [
     "--config.seg.num_steps=1", "--config.seg.batch_size=2", "--config.seg.lr=1e-9",
     "--config.seg.pseudo_source=gt", "--config.seg.scales=(1.0,0.75)",
     "--config.seg.flip=True", "--config.cams.scales=(1.0,)",
-    "--config.stages=data,train,seg,evaluate",
+    "--config.stages=data,train,seg,evaluate", "--config.train.init_from=",
 ]
 
 
