@@ -1,6 +1,7 @@
 """CSRM (METHODS.md §2): losses on hand-computed cases, queues, schedules, ClassMix, the
 full step sharded vs unsharded, and a short run."""
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -380,3 +381,42 @@ def test_configs_share_cam_steps_and_pick_head_norm(path, base_path):
     assert full.baseline.num_steps == cam.train.num_steps and full.train.num_steps == 690
     assert (full.csrm.head_norm, full.csrm.head_width, full.csrm.warmup_epochs) == (
         "group", 256, 1)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def _csrm_groups(path, arg):
+  """Optimizer group label per CSRM parameter path and the LR per group at step 0, with the
+  optimizer that `config.optim` of the config file builds (abstract params, no compute)."""
+  from wsss_jax.methods import csrm as csrm_method
+  from wsss_jax.train import optim
+  from wsss_jax.train import state as state_lib
+  c = load_config_file(path, arg)
+  c.model.pretrained = False
+  method = csrm_method.make_csrm_method(c, 6)
+  opt = state_lib.make_optimizer_for(method, c, {"image": (2, 64, 64, 3)})
+  labels = {optim.path_str(p): l for p, l in
+            jax.tree_util.tree_flatten_with_path(opt.labels)[0]}
+  return c, labels, {g: float(v) for g, v in opt.learning_rates(0).items()}
+
+
+@pytest.mark.parametrize("path,arg", [("configs/voc/csrm.py", "runlocal"),
+                                      ("configs/voc/csrm.py", "backbone=efficientnet_lite0"),
+                                      ("configs/synthetic/csrm.py", ""),
+                                      ("configs/coco/csrm.py", "runlocal")])
+def test_warm_started_classifier_trains_at_pretrained_lr(path, arg):
+  # The reference trains the restored CAM classifier at the base LR (x1); the new decoder
+  # and rep head train at x10 (LR_ALPHA_SCRATCH).
+  c, labels, lrs = _csrm_groups(path, arg)
+  group = lambda prefix: {l.split("/")[0] for p, l in labels.items()
+                          if p.startswith(prefix)} - {"frozen"}
+  assert group("cam_head/") == {"pretrained"}, labels
+  assert group("backbone/") <= {"pretrained", "pretrained_bias"}
+  assert group("decoder/") == group("rep_head/") == {"head", "head_bias"}
+  base = float(c.optim.lr)
+  assert lrs["pretrained"] == pytest.approx(base)
+  assert lrs["head"] == pytest.approx(10 * base)
+  # The baseline stage trains the CAM classifier from scratch: x10 there.
+  assert c.train.init_from == "baseline"
+  assert not re.search(c.baseline.optim.pretrained_regex, "cam_head/classifier/kernel")

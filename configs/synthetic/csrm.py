@@ -31,6 +31,8 @@ def get_config(arg: str | None = None):
   c.csrm.cams_from = "seg" if arg.seg_cams else "class"
   c.csrm.use_crf = arg.crf
   c.train.init_from = "baseline"
+  # The restored CAM classifier trains at x1 (configs/voc/csrm.py).
+  c.optim.pretrained_regex = common.load_module(__file__, "../voc/csrm.py").WARM_STARTED_REGEX
   c.baseline.lr = float(c.optim.lr)
   c.baseline.num_steps = total - total // 4
   c.train.num_steps = max(total // 4, 1)

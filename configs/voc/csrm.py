@@ -20,8 +20,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import ml_collections as mlc  # noqa: E402
 
 from wsss_jax.methods import csrm  # noqa: E402
+
+# Parameters that the CSRM step restores from the CAM baseline (`train.init_from`): the
+# backbone and the CAM classifier `cam_head`. The reference trains a restored classifier at
+# the pretrained LR (PNOC adds it to the scratch layers only without `--restore`); with the
+# default `^backbone(/|$)` it would train at 10x, and L_s2c reaches the CAMs only through it
+# and the backbone. The new decoder and rep head stay in the `head` group (x10). Without a
+# warm start (`--config.train.init_from=''`) set `optim.pretrained_regex='^backbone(/|$)'`.
+WARM_STARTED_REGEX = r"^(backbone|cam_head)(/|$)"
 
 
 def get_config(arg: str | None = None):
@@ -35,6 +44,7 @@ def get_config(arg: str | None = None):
   c.csrm = csrm.default_csrm_config()
   c.csrm.cams_from = "seg" if arg.seg_cams else "class"
   c.train.init_from = "baseline"
+  c.optim.pretrained_regex = WARM_STARTED_REGEX
   if arg.runlocal:
     # The protocol (cam.py:runlocal): the shared baseline, then `total` CSRM steps (the
     # control's method steps). A CSRM step runs three forwards of a stride-4 decoder; at
@@ -63,14 +73,18 @@ def get_config(arg: str | None = None):
   else:
     # Reference VOC recipe (§2.4): 15 epochs of 46 steps after the CAM baseline (IRN-style
     # 5 epochs, cam.py); SGD Nesterov LR 0.007, clip 1.0, label smoothing 0.1, 256-ch heads,
-    # label CRF in the step. (The baseline stage shares optim.name/clip, not the LR.)
+    # label CRF in the step. (The baseline stage has its own `baseline.optim`: cam.py's with
+    # Nesterov and clip, LR 0.1.)
     c.baseline.num_steps = total
-    c.baseline.lr = 0.1
     c.train.num_steps = 15 * 46
     # Batch stays cam.py's 16 (8 L + 8 U) so the baseline stage equals cam.py; the
     # reference's 32 L + 32 U is --config.data.batch_size=64.
     c.optim.name = "nesterov"
-    c.optim.lr = 0.007
     c.optim.clip_global_norm = 1.0
+    # The baseline's own optimizer block: the CAM classifier is new there (x10).
+    c.baseline.optim = mlc.ConfigDict(c.optim.to_dict())
+    c.baseline.optim.pretrained_regex = common.optim_config(False).pretrained_regex
+    c.baseline.optim.lr = 0.1
+    c.optim.lr = 0.007
     c.csrm.use_crf = arg.crf != 0
   return c
