@@ -404,7 +404,8 @@ def _csrm_groups(path, arg):
 @pytest.mark.parametrize("path,arg", [("configs/voc/csrm.py", "runlocal"),
                                       ("configs/voc/csrm.py", "backbone=efficientnet_lite0"),
                                       ("configs/synthetic/csrm.py", ""),
-                                      ("configs/coco/csrm.py", "runlocal")])
+                                      ("configs/coco/csrm.py", "runlocal"),
+                                      ("configs/coco/csrm.py", "backbone=efficientnet_lite0")])
 def test_warm_started_classifier_trains_at_pretrained_lr(path, arg):
   # The reference trains the restored CAM classifier at the base LR (x1); the new decoder
   # and rep head train at x10 (LR_ALPHA_SCRATCH).
@@ -417,6 +418,9 @@ def test_warm_started_classifier_trains_at_pretrained_lr(path, arg):
   base = float(c.optim.lr)
   assert lrs["pretrained"] == pytest.approx(base)
   assert lrs["head"] == pytest.approx(10 * base)
+  # Reference LR_ALPHA_BIAS=1: biases train at their group's LR (1x / 10x), not 2x / 20x.
+  assert lrs["pretrained_bias"] == pytest.approx(base)
+  assert lrs["head_bias"] == pytest.approx(10 * base)
   # The baseline stage trains the CAM classifier from scratch: x10 there.
   assert c.train.init_from == "baseline"
   assert not re.search(c.baseline.optim.pretrained_regex, "cam_head/classifier/kernel")

@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import ml_collections as mlc  # noqa: E402
 
 from wsss_jax.methods import csrm  # noqa: E402
 
@@ -31,8 +32,10 @@ def get_config(arg: str | None = None):
   c.csrm.cams_from = "seg" if arg.seg_cams else "class"
   c.csrm.use_crf = arg.crf
   c.train.init_from = "baseline"
-  # The restored CAM classifier trains at x1 (configs/voc/csrm.py).
-  c.optim.pretrained_regex = common.load_module(__file__, "../voc/csrm.py").WARM_STARTED_REGEX
+  # The restored CAM classifier trains at x1, biases at their group's LR (configs/voc/csrm.py).
+  voc_csrm = common.load_module(__file__, "../voc/csrm.py")
+  c.optim.pretrained_regex = voc_csrm.WARM_STARTED_REGEX
+  c.optim.lr_mult = mlc.ConfigDict(voc_csrm.LR_MULT)
   c.baseline.lr = float(c.optim.lr)
   c.baseline.num_steps = total - total // 4
   c.train.num_steps = max(total // 4, 1)

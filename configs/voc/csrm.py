@@ -31,6 +31,9 @@ from wsss_jax.methods import csrm  # noqa: E402
 # and the backbone. The new decoder and rep head stay in the `head` group (x10). Without a
 # warm start (`--config.train.init_from=''`) set `optim.pretrained_regex='^backbone(/|$)'`.
 WARM_STARTED_REGEX = r"^(backbone|cam_head)(/|$)"
+# LR multipliers: the reference's LR_ALPHA_SCRATCH=10, LR_ALPHA_BIAS=1 (biases at their
+# group's LR, not PNOC's default 2x).
+LR_MULT = dict(pretrained=1.0, pretrained_bias=1.0, head=10.0, head_bias=10.0)
 
 
 def get_config(arg: str | None = None):
@@ -44,7 +47,9 @@ def get_config(arg: str | None = None):
   c.csrm = csrm.default_csrm_config()
   c.csrm.cams_from = "seg" if arg.seg_cams else "class"
   c.train.init_from = "baseline"
+  cam_optim = mlc.ConfigDict(c.optim.to_dict())
   c.optim.pretrained_regex = WARM_STARTED_REGEX
+  c.optim.lr_mult = mlc.ConfigDict(LR_MULT)
   if arg.runlocal:
     # The protocol (cam.py:runlocal): the shared baseline, then `total` CSRM steps (the
     # control's method steps). A CSRM step runs three forwards of a stride-4 decoder; at
@@ -80,11 +85,11 @@ def get_config(arg: str | None = None):
     # Batch stays cam.py's 16 (8 L + 8 U) so the baseline stage equals cam.py; the
     # reference's 32 L + 32 U is --config.data.batch_size=64.
     c.optim.name = "nesterov"
-    c.optim.clip_global_norm = 1.0
-    # The baseline's own optimizer block: the CAM classifier is new there (x10).
-    c.baseline.optim = mlc.ConfigDict(c.optim.to_dict())
-    c.baseline.optim.pretrained_regex = common.optim_config(False).pretrained_regex
-    c.baseline.optim.lr = 0.1
     c.optim.lr = 0.007
+    c.optim.clip_global_norm = 1.0
+    # The baseline's own optimizer block: cam.py's (its CAM classifier is new: x10), with
+    # Nesterov and clip as before, LR 0.1.
+    c.baseline.optim = cam_optim
+    c.baseline.optim.update(name="nesterov", clip_global_norm=1.0, lr=0.1)
     c.csrm.use_crf = arg.crf != 0
   return c
