@@ -366,21 +366,42 @@ def test_export_teacher_or_student():
 @pytest.mark.parametrize("path,base_path", [("configs/synthetic/csrm.py",
                                              "configs/synthetic/cam.py"),
                                             ("configs/voc/csrm.py", "configs/voc/cam.py")])
-def test_configs_share_cam_steps_and_pick_head_norm(path, base_path):
-  # CPU-sized configs: baseline + CSRM steps = the CAM config's steps (a same-budget
-  # comparison), BatchNorm heads and a long warm-up (README, "Why CSRM ...").
+def test_configs_follow_protocol_and_pick_head_norm(path, base_path):
+  # CPU-sized configs, the protocol: the CAM config's shared baseline (same steps, same
+  # optimizer block, so the same cached stage), then CSRM for the control's method steps;
+  # BatchNorm heads and a long warm-up (README, "Why CSRM ...").
   arg = "" if path.startswith("configs/synthetic") else "runlocal"
   c, b = load_config_file(path, arg), load_config_file(base_path, arg)
   assert c.method == "csrm" and c.train.init_from == "baseline"
-  assert c.baseline.num_steps + c.train.num_steps == b.train.num_steps
+  assert c.baseline.num_steps == b.baseline.num_steps
+  assert c.baseline.optim.to_dict() == b.baseline.optim.to_dict()
+  assert c.train.num_steps == b.train.num_steps
   assert c.csrm.head_norm == "batch" and c.csrm.warmup_epochs >= 5
+  assert c.csrm.warmup_epochs * c.csrm.steps_per_epoch < c.train.num_steps
   if path.startswith("configs/voc"):
-    # The full VOC config is the reference recipe: the whole CAM schedule as the baseline,
-    # then 15 x 46 CSRM steps with GroupNorm(4), 256-wide heads and 1 warm-up epoch.
+    # The full VOC config is the reference recipe: the whole CAM schedule as the baseline
+    # (cam.py's optimizer with Nesterov, clip 1.0 and LR 0.1), then 15 x 46 CSRM steps with
+    # GroupNorm(4), 256-wide heads and 1 warm-up epoch.
     full, cam = load_config_file(path, ""), load_config_file(base_path, "")
     assert full.baseline.num_steps == cam.train.num_steps and full.train.num_steps == 690
     assert (full.csrm.head_norm, full.csrm.head_width, full.csrm.warmup_epochs) == (
         "group", 256, 1)
+    want = dict(cam.optim.to_dict(), name="nesterov", clip_global_norm=1.0, lr=0.1)
+    assert full.baseline.optim.to_dict() == want
+
+
+@pytest.mark.parametrize("path,arg", [("configs/voc/csrm.py", "runlocal"),
+                                      ("configs/voc/csrm.py", ""),
+                                      ("configs/synthetic/csrm.py", ""),
+                                      ("configs/synthetic/csrm.py", "runlocal"),
+                                      ("configs/coco/csrm.py", "runlocal"),
+                                      ("configs/coco/csrm.py", "")])
+def test_configs_use_reference_optimizer(path, arg):
+  # Reference runner (METHODS §2.4): SGD, Nesterov momentum 0.9, LR 0.007, poly 0.9,
+  # global gradient-norm clip 1.0, in every variant (the CPU-sized ones included).
+  o = load_config_file(path, arg).optim
+  assert (o.name, o.momentum, o.lr, o.schedule, o.poly_power, o.clip_global_norm) == (
+      "nesterov", 0.9, 0.007, "poly", 0.9, 1.0)
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -1,13 +1,13 @@
 r"""CSRM on a VOC-layout folder: CAM baseline stage, then CSRM warm-started from it.
 
-Same backbone, data and total number of training steps as configs/voc/cam.py:
-`baseline.num_steps` (plain CAM) + `train.num_steps` (CSRM) = cam.py's `train.num_steps`.
+Same backbone and data as configs/voc/cam.py. The CSRM step trains with the reference's
+optimizer (`reference_optimizer`) in both variants.
 
 Full size (VOC 2012 + SBD, ResNet-50 weights on disk; reference VOC values of METHODS §2.4):
   wsss --config=configs/voc/csrm.py --config.data.root=/data/VOC2012 \
        --config.model.weights_path=/weights/resnet50.pth --workdir=runs/voc_csrm
-CPU-sized on MSRC (150 baseline + 50 CSRM steps = cam.py:runlocal's 200; 64-wide
-BatchNorm heads, half of the CSRM steps as warm-up):
+CPU-sized on MSRC (the protocol of cam.py:runlocal: its shared 500-step baseline, then 200
+CSRM steps in place of the control's 200 CAM steps; 64-wide BatchNorm heads):
   wsss --config=configs/voc/csrm.py:runlocal --config.data.root=../shared/data/msrc21 \
        --workdir=runs/msrc_csrm
 
@@ -36,6 +36,21 @@ WARM_STARTED_REGEX = r"^(backbone|cam_head)(/|$)"
 LR_MULT = dict(pretrained=1.0, pretrained_bias=1.0, head=10.0, head_bias=10.0)
 
 
+def reference_optimizer(o: mlc.ConfigDict) -> mlc.ConfigDict:
+  """`config.optim` of the CSRM step as the reference's runner (METHODS §2.4): SGD with
+  Nesterov momentum 0.9, LR 0.007 (poly 0.9), global gradient-norm clip 1.0, LR multipliers
+  `LR_MULT` with the warm-started `WARM_STARTED_REGEX` params as the pretrained group.
+  Every csrm config (full size and CPU-sized) uses it; the baseline has its own block."""
+  o.name = "nesterov"
+  o.momentum = 0.9
+  o.lr = 0.007
+  o.schedule, o.poly_power = "poly", 0.9
+  o.clip_global_norm = 1.0
+  o.pretrained_regex = WARM_STARTED_REGEX
+  o.lr_mult = mlc.ConfigDict(LR_MULT)
+  return o
+
+
 def get_config(arg: str | None = None):
   arg = common.parse_arg(arg, runlocal=False, backbone="", crf=-1, seg_cams=False)
   cam_arg = ",".join(filter(None, [f"backbone={arg.backbone}" if arg.backbone else "",
@@ -48,16 +63,15 @@ def get_config(arg: str | None = None):
   c.csrm.cams_from = "seg" if arg.seg_cams else "class"
   c.train.init_from = "baseline"
   cam_optim = mlc.ConfigDict(c.optim.to_dict())
-  c.optim.pretrained_regex = WARM_STARTED_REGEX
-  c.optim.lr_mult = mlc.ConfigDict(LR_MULT)
+  reference_optimizer(c.optim)
   if arg.runlocal:
     # The protocol (cam.py:runlocal): the shared baseline, then `total` CSRM steps (the
     # control's method steps). A CSRM step runs three forwards of a stride-4 decoder; at
     # the reference width 256 that is 15x a CAM step (1158 vs 77 GFLOP), so the CPU
     # variant uses 64-ch heads. Batch 8 = 4 "L" + 4 "U" rows (csrm.unlabeled='split').
-    # 10 "epochs" of 5 steps (reference 15 x 46). Warm-up 5 epochs = 25 steps = 200 L
-    # images before L_s2c/L_u/L_contra start (reference: 46 steps x 32 = 1472 images). With
-    # the reference's 1 epoch (5 steps, 40 images) the random-init segmentation branch is
+    # "Epochs" of 5 steps (40 at 200 steps; reference 15 x 46). Warm-up 5 epochs = 25
+    # steps = 100 L images before L_s2c/L_u/L_contra start (reference: 46 steps x 32 = 1472
+    # images). With the reference's 1 epoch (5 steps) the random-init segmentation branch is
     # still uninformed when those terms start and they pull the CAMs down (README, "Why
     # CSRM ..."; `--config.csrm.warmup_epochs=1` restores it).
     c.csrm.steps_per_epoch = 5
@@ -71,22 +85,14 @@ def get_config(arg: str | None = None):
     c.csrm.use_crf = arg.crf == 1   # off by default (CPU time); on with :runlocal,crf=1
     c.csrm.num_queries = 64
     c.csrm.bank_size_fg, c.csrm.bank_size_bg = 3000, 5000
-    # Reference optimizer (METHODS §2.4): SGD Nesterov, LR 0.007, global clip 1.0.
-    c.optim.name = "nesterov"
-    c.optim.lr = 0.007
-    c.optim.clip_global_norm = 1.0
   else:
     # Reference VOC recipe (§2.4): 15 epochs of 46 steps after the CAM baseline (IRN-style
     # 5 epochs, cam.py); SGD Nesterov LR 0.007, clip 1.0, label smoothing 0.1, 256-ch heads,
-    # label CRF in the step. (The baseline stage has its own `baseline.optim`: cam.py's with
-    # Nesterov and clip, LR 0.1.)
+    # label CRF in the step.
     c.baseline.num_steps = total
     c.train.num_steps = 15 * 46
     # Batch stays cam.py's 16 (8 L + 8 U) so the baseline stage equals cam.py; the
     # reference's 32 L + 32 U is --config.data.batch_size=64.
-    c.optim.name = "nesterov"
-    c.optim.lr = 0.007
-    c.optim.clip_global_norm = 1.0
     # The baseline's own optimizer block: cam.py's (its CAM classifier is new: x10), with
     # Nesterov and clip as before, LR 0.1.
     c.baseline.optim = cam_optim
