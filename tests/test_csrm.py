@@ -30,12 +30,12 @@ def test_schedule_values():
   # spe 10, E 15, warm-up 1 (reference VOC shape with short epochs).
   s = L.schedule(jnp.int32(0), 10, 15, 1)
   assert int(s.epoch) == 0 and float(s.active) == 0 and float(s.w_s2c) == 0
-  assert float(s.drop_percent) == pytest.approx(80.0)
+  assert float(s.keep_percent) == pytest.approx(80.0)
   assert float(s.alpha_percent) == pytest.approx(20.0)
   s = L.schedule(jnp.int32(19), 10, 15, 1)     # epoch 1: losses on, ramp starts at 0.1
   assert int(s.epoch) == 1 and float(s.active) == 1
   assert float(s.w_s2c) == pytest.approx(0.1)
-  assert float(s.drop_percent) == pytest.approx(100 - 20 * (1 - 1 / 15))
+  assert float(s.keep_percent) == pytest.approx(100 - 20 * (1 - 1 / 15))
   assert float(s.alpha_percent) == pytest.approx(20 * (1 - 1 / 15))
   s = L.schedule(jnp.int32(149), 10, 15, 1)    # last epoch 14: 0.1 + 0.9 * 13/14
   assert float(s.w_s2c) == pytest.approx(0.1 + 0.9 * 13 / 14, rel=1e-6)
@@ -146,13 +146,31 @@ def test_label_masked_probs():
   np.testing.assert_allclose(p[0, 0, 0], [0.4, 0.6, 0.0], rtol=1e-6)
 
 
-def test_unsup_targets_drop_and_weight():
-  # 2 images of 1x5; image 1 is U. Entropies 0..4; drop 60 %: θ = percentile 60 = 2.4.
+def test_unsup_targets_keep_and_weight():
+  # 2 images of 1x5; image 1 is U. Entropies 0..4; keep 60 %: θ = percentile 60 = 2.4.
   ent = jnp.array([[[9.0] * 5], [[0.0, 1.0, 2.0, 3.0, 4.0]]])
   arg = jnp.array([[[1] * 5], [[0, 1, 2, 3, 4]]])
   t, w = L.unsup_targets(arg, ent, jnp.array([False, True]), jnp.float32(60.0))
   np.testing.assert_array_equal(t, [[[255] * 5], [[0, 1, 2, 255, 255]]])
   assert float(w) == pytest.approx(5 / 3)
+
+
+def test_unsup_targets_keep_the_lowest_entropy_pixels():
+  # keep_percent = 80 (the first epoch's value): of the 10 U pixels, the 8 with the lowest
+  # entropy keep their teacher label, the 2 most uncertain (entropies 8 and 9, at pixels 1
+  # and 6) become 255. θ = np.percentile(0..9, 80) = 7.2. The L image (row 0, entropies all
+  # low) is never a target. Weight = 10 / 8.
+  ent = np.array([3, 9, 0, 5, 1, 7, 8, 2, 6, 4], np.float32)
+  u_ent = jnp.asarray(np.stack([np.zeros(10, np.float32), ent])[:, None, :])
+  arg = jnp.asarray(np.stack([np.ones(10), np.arange(10) % 3])[:, None, :].astype(np.int32))
+  sched = L.schedule(jnp.int32(0), 10, 15, 1)
+  assert float(sched.keep_percent) == pytest.approx(80.0)
+  t, w = L.unsup_targets(arg, u_ent, jnp.array([False, True]), sched.keep_percent)
+  want = np.where(np.isin(np.arange(10), [1, 6]), 255, np.arange(10) % 3)
+  np.testing.assert_array_equal(t[1, 0], want)
+  np.testing.assert_array_equal(t[0], 255)
+  assert int(np.sum(np.asarray(t[1]) != 255)) == 8
+  assert float(w) == pytest.approx(10 / 8)
 
 
 def test_contrast_masks_rank_rules():

@@ -231,11 +231,11 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
                                   float(s.s2c_threshold), ac)
   l_s2c = gmean(L.ce_sum_count(z, y_s2c, ls))
 
-  # 7b. L_u: U images, entropy-percentile dropping on the global batch.
+  # 7b. L_u: U images, the keep_percent % lowest-entropy pixels of the global batch.
   ent_full = (L.entropy(jax.nn.softmax(up(s_t4), axis=-1))
               if s.teacher_pass2 != "none" else L.entropy(jax.nn.softmax(s_t, axis=-1)))
   g_yhat, g_ent, g_u = ctx.all_gather_invariant((yhat_t, ent_full, is_u))
-  y_u, weight_u = L.unsup_targets(g_yhat, g_ent, g_u, sched.drop_percent)
+  y_u, weight_u = L.unsup_targets(g_yhat, g_ent, g_u, sched.keep_percent)
   y_u = ctx.local_rows(y_u, nb)
   l_u = weight_u * gmean(L.ce_sum_count(s_s, y_u))
 
@@ -290,7 +290,7 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
   labelled = (y_cam != IGNORE_INDEX)
   metrics = {
       "l_c": l_c, "l_c2s": l_c2s, "l_s2c": l_s2c, "l_u": l_u, "l_contra": l_con,
-      "w_s2c": sched.w_s2c, "active": sched.active, "drop_percent": sched.drop_percent,
+      "w_s2c": sched.w_s2c, "active": sched.active, "keep_percent": sched.keep_percent,
       "alpha_percent": sched.alpha_percent,
       "mixed": jnp.any(paste).astype(jnp.float32),
       "cam_labelled_fraction": jnp.mean(labelled.astype(jnp.float32)),
