@@ -43,28 +43,47 @@ def test_schedule_values():
 
 def test_ema_decay_values():
   spe, w = 10, 1
-  # Inclusive (reference): copy through epoch 1 (steps 0..19), EMA from step 20.
+  # Inclusive (reference): copy through epoch 1 (steps 0..19), EMA from step 20. The
+  # reference's counter already counts the update the EMA follows: at step 20 it reads 21,
+  # d = 1 - 1 / (1 + 21 - 10).
   for step in (0, 9, 10, 19):
     assert float(L.ema_decay(jnp.int32(step), spe, w)) == 0.0
-  assert float(L.ema_decay(jnp.int32(20), spe, w)) == pytest.approx(1 - 1 / 11)
-  assert float(L.ema_decay(jnp.int32(25), spe, w)) == pytest.approx(1 - 1 / 16)
+  assert float(L.ema_decay(jnp.int32(20), spe, w)) == pytest.approx(1 - 1 / 12)
+  assert float(L.ema_decay(jnp.int32(25), spe, w)) == pytest.approx(1 - 1 / 17)
   assert float(L.ema_decay(jnp.int32(200), spe, w)) == pytest.approx(0.99)  # capped
-  # Exclusive: EMA starts with the losses, at step 10 (d = 1 - 1/1 = 0, then 1/2 ...).
-  assert float(L.ema_decay(jnp.int32(11), spe, w, copy_inclusive=False)) == pytest.approx(0.5)
+  # count_current=False: the count before the increment (1 - 1 / (1 + 20 - 10)).
+  assert float(L.ema_decay(jnp.int32(20), spe, w, count_current=False)) == pytest.approx(
+      1 - 1 / 11)
+  # Exclusive: EMA starts with the losses, at step 10 (d = 1 - 1/2, then 1 - 1/3 ...).
+  assert float(L.ema_decay(jnp.int32(10), spe, w, copy_inclusive=False)) == pytest.approx(0.5)
+  assert float(L.ema_decay(jnp.int32(11), spe, w, copy_inclusive=False,
+                           count_current=False)) == pytest.approx(0.5)
 
 
-def test_update_extra_ema_and_copy():
-  cfg = _cfg(steps_per_epoch=2, warmup_epochs=1)
+@pytest.mark.parametrize("ema_batch_stats", [False, True])
+def test_update_extra_ema_and_copy(ema_batch_stats):
+  cfg = _cfg(steps_per_epoch=2, warmup_epochs=1, ema_batch_stats=ema_batch_stats)
   method = csrm.make_csrm_method(cfg, C, model=_tiny_model())
-  extra = {"teacher": {"params": {"w": jnp.zeros(3)}, "batch_stats": {}},
+  extra = {"teacher": {"params": {"w": jnp.zeros(3)}, "batch_stats": {"m": jnp.zeros(2)}},
            "bank_bg": 1, "bank_fg": 2}
   aux = {"bank_bg": 3, "bank_fg": 4}
-  student = {"w": jnp.ones(3)}
-  out = method.update_extra(extra, student, {}, aux, jnp.int32(3), None)   # epoch 1: copy
+  student, student_bs = {"w": jnp.ones(3)}, {"m": jnp.full(2, 4.0)}
+  out = method.update_extra(extra, student, student_bs, aux, jnp.int32(3), None)  # copy
   np.testing.assert_allclose(out["teacher"]["params"]["w"], 1.0)
   assert out["bank_bg"] == 3 and out["bank_fg"] == 4
-  out = method.update_extra(extra, student, {}, aux, jnp.int32(4), None)   # d = 1 - 1/3
-  np.testing.assert_allclose(out["teacher"]["params"]["w"], 1 / 3, rtol=1e-6)
+  # Reference (ema_batch_stats=False): parameters only; the statistics stay the teacher's.
+  np.testing.assert_allclose(out["teacher"]["batch_stats"]["m"],
+                             4.0 if ema_batch_stats else 0.0)
+  # Step 4 = the 5th update, 2 warm-up steps: d = 1 - 1 / (1 + 5 - 2) = 3/4.
+  out = method.update_extra(extra, student, student_bs, aux, jnp.int32(4), None)
+  np.testing.assert_allclose(out["teacher"]["params"]["w"], 1 / 4, rtol=1e-6)
+  np.testing.assert_allclose(out["teacher"]["batch_stats"]["m"],
+                             1.0 if ema_batch_stats else 0.0, rtol=1e-6)
+
+
+def test_batch_norm_heads_need_ema_batch_stats():
+  with pytest.raises(ValueError, match="ema_batch_stats"):
+    csrm.make_csrm_method(_cfg(head_norm="batch"), C, model=_tiny_model())
 
 
 # ----------------------------------------------------------------------------- queues
@@ -463,3 +482,35 @@ def test_warm_started_classifier_trains_at_pretrained_lr(path, arg):
   # The baseline stage trains the CAM classifier from scratch: x10 there.
   assert c.train.init_from == "baseline"
   assert not re.search(c.baseline.optim.pretrained_regex, "cam_head/classifier/kernel")
+
+
+@pytest.mark.parametrize("premix", [True, False])
+def test_contrast_negatives_use_premix_labels(premix, monkeypatch):
+  # The reference takes L_contra's "not in the image label" negatives from the labels before
+  # ClassMix; with ClassMix on every image (p = 1) the mixed labels gain pasted classes.
+  from wsss_jax.methods import base
+  seen = []
+  real = csrm.L.contrast_masks
+
+  def spy(labels4, prob4, ent4, is_u, image_labels, *args, **kwargs):
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), image_labels)
+    return real(labels4, prob4, ent4, is_u, image_labels, *args, **kwargs)
+
+  monkeypatch.setattr(csrm.L, "contrast_masks", spy)
+  cfg = _cfg(classmix_prob=1.0, warmup_epochs=0, contrast_premix_labels=premix)
+  method = csrm.make_csrm_method(cfg, C, model=_tiny_model())
+  batch = {k: jnp.asarray(v) for k, v in make_batches(1, batch=4, size=32, seed=3)[0].items()}
+  batch["labels"] = jnp.eye(4, dtype=jnp.float32)   # one distinct class per image
+  v = method.init(jax.random.key(0), batch["image"][:1])
+  extra = method.init_extra(jax.random.key(1), v)
+  ctx = base.StepContext(model=method.model)
+  _, aux = jax.jit(lambda p, s, e, b: method.loss(p, s, e, b, jax.random.key(2),
+                                                  jnp.int32(0), ctx))(
+      v["params"], v["batch_stats"], extra, batch)
+  jax.effects_barrier()
+  premix_labels = np.asarray(batch["labels"])
+  assert len(seen) == 1
+  if premix:
+    np.testing.assert_array_equal(seen[0], premix_labels)
+  else:
+    assert (seen[0] >= premix_labels).all() and (seen[0] > premix_labels).any()

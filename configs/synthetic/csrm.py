@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
   c.csrm.warmup_epochs = 5
   c.csrm.head_width = 64
   c.csrm.head_norm = "batch"   # as configs/voc/csrm.py:runlocal (reference: GroupNorm(4))
+  c.csrm.ema_batch_stats = True  # the teacher averages the BatchNorm heads' statistics too
   if arg.runlocal:  # smoke-sized: 3 + 3 steps, CSRM losses on from its second step
     c.baseline.num_steps, c.train.num_steps, c.csrm.steps_per_epoch = 3, 3, 1
     c.csrm.warmup_epochs = 1

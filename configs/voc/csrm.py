@@ -82,6 +82,9 @@ def get_config(arg: str | None = None):
     # with the baseline; with BatchNorm its CAMs and pseudo-labels beat it over 3 seeds
     # (README, "Why CSRM ..."; `--config.csrm.head_norm=group` restores the reference).
     c.csrm.head_norm = "batch"
+    # BatchNorm heads have statistics: the teacher averages them too (the reference's
+    # GroupNorm heads have none, and it averages parameters only).
+    c.csrm.ema_batch_stats = True
     c.csrm.use_crf = arg.crf == 1   # off by default (CPU time); on with :runlocal,crf=1
     c.csrm.num_queries = 64
     c.csrm.bank_size_fg, c.csrm.bank_size_bg = 3000, 5000

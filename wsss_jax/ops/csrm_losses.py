@@ -51,16 +51,21 @@ def schedule(step: jax.Array, steps_per_epoch: int, num_epochs: int,
 
 
 def ema_decay(step: jax.Array, steps_per_epoch: int, warmup_epochs: int,
-              copy_inclusive: bool = True, max_decay: float = 0.99) -> jax.Array:
+              copy_inclusive: bool = True, max_decay: float = 0.99, *,
+              count_current: bool = True) -> jax.Array:
   """Teacher decay d for the update after optimizer step `step` (θ_t <- d θ_t + (1-d) θ_s).
 
-  d = 0 (copy the student) while epoch <= warmup (`copy_inclusive`, the reference's `<=`)
-  or epoch < warmup; afterwards min(1 - 1 / (1 + step - warmup_steps), max_decay).
+  `step` is the 0-based index of the update just made (the train state's count before its
+  increment). d = 0 (copy the student) while epoch <= warmup (`copy_inclusive`, the
+  reference's `<=`) or epoch < warmup; afterwards min(1 - 1 / (1 + n - warmup_steps),
+  max_decay) with n = step + 1, the number of updates done including this one, as the
+  reference reads its optimizer counter after the increment (`count_current`), or n = step.
   """
   step = jnp.asarray(step, jnp.int32)
   e = step // steps_per_epoch
   copy = (e <= warmup_epochs) if copy_inclusive else (e < warmup_epochs)
-  since = (step - warmup_epochs * steps_per_epoch).astype(jnp.float32)
+  n = step + 1 if count_current else step
+  since = (n - warmup_epochs * steps_per_epoch).astype(jnp.float32)
   d = jnp.minimum(1.0 - 1.0 / (1.0 + jnp.maximum(since, 0.0)), max_decay)
   return jnp.where(copy, 0.0, d).astype(jnp.float32)
 
