@@ -1,6 +1,7 @@
 """CSRM (METHODS.md §2): losses on hand-computed cases, queues, schedules, ClassMix, the
 full step sharded vs unsharded, and a short run."""
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -29,12 +30,12 @@ def test_schedule_values():
   # spe 10, E 15, warm-up 1 (reference VOC shape with short epochs).
   s = L.schedule(jnp.int32(0), 10, 15, 1)
   assert int(s.epoch) == 0 and float(s.active) == 0 and float(s.w_s2c) == 0
-  assert float(s.drop_percent) == pytest.approx(80.0)
+  assert float(s.keep_percent) == pytest.approx(80.0)
   assert float(s.alpha_percent) == pytest.approx(20.0)
   s = L.schedule(jnp.int32(19), 10, 15, 1)     # epoch 1: losses on, ramp starts at 0.1
   assert int(s.epoch) == 1 and float(s.active) == 1
   assert float(s.w_s2c) == pytest.approx(0.1)
-  assert float(s.drop_percent) == pytest.approx(100 - 20 * (1 - 1 / 15))
+  assert float(s.keep_percent) == pytest.approx(100 - 20 * (1 - 1 / 15))
   assert float(s.alpha_percent) == pytest.approx(20 * (1 - 1 / 15))
   s = L.schedule(jnp.int32(149), 10, 15, 1)    # last epoch 14: 0.1 + 0.9 * 13/14
   assert float(s.w_s2c) == pytest.approx(0.1 + 0.9 * 13 / 14, rel=1e-6)
@@ -42,28 +43,47 @@ def test_schedule_values():
 
 def test_ema_decay_values():
   spe, w = 10, 1
-  # Inclusive (reference): copy through epoch 1 (steps 0..19), EMA from step 20.
+  # Inclusive (reference): copy through epoch 1 (steps 0..19), EMA from step 20. The
+  # reference's counter already counts the update the EMA follows: at step 20 it reads 21,
+  # d = 1 - 1 / (1 + 21 - 10).
   for step in (0, 9, 10, 19):
     assert float(L.ema_decay(jnp.int32(step), spe, w)) == 0.0
-  assert float(L.ema_decay(jnp.int32(20), spe, w)) == pytest.approx(1 - 1 / 11)
-  assert float(L.ema_decay(jnp.int32(25), spe, w)) == pytest.approx(1 - 1 / 16)
+  assert float(L.ema_decay(jnp.int32(20), spe, w)) == pytest.approx(1 - 1 / 12)
+  assert float(L.ema_decay(jnp.int32(25), spe, w)) == pytest.approx(1 - 1 / 17)
   assert float(L.ema_decay(jnp.int32(200), spe, w)) == pytest.approx(0.99)  # capped
-  # Exclusive: EMA starts with the losses, at step 10 (d = 1 - 1/1 = 0, then 1/2 ...).
-  assert float(L.ema_decay(jnp.int32(11), spe, w, copy_inclusive=False)) == pytest.approx(0.5)
+  # count_current=False: the count before the increment (1 - 1 / (1 + 20 - 10)).
+  assert float(L.ema_decay(jnp.int32(20), spe, w, count_current=False)) == pytest.approx(
+      1 - 1 / 11)
+  # Exclusive: EMA starts with the losses, at step 10 (d = 1 - 1/2, then 1 - 1/3 ...).
+  assert float(L.ema_decay(jnp.int32(10), spe, w, copy_inclusive=False)) == pytest.approx(0.5)
+  assert float(L.ema_decay(jnp.int32(11), spe, w, copy_inclusive=False,
+                           count_current=False)) == pytest.approx(0.5)
 
 
-def test_update_extra_ema_and_copy():
-  cfg = _cfg(steps_per_epoch=2, warmup_epochs=1)
+@pytest.mark.parametrize("ema_batch_stats", [False, True])
+def test_update_extra_ema_and_copy(ema_batch_stats):
+  cfg = _cfg(steps_per_epoch=2, warmup_epochs=1, ema_batch_stats=ema_batch_stats)
   method = csrm.make_csrm_method(cfg, C, model=_tiny_model())
-  extra = {"teacher": {"params": {"w": jnp.zeros(3)}, "batch_stats": {}},
+  extra = {"teacher": {"params": {"w": jnp.zeros(3)}, "batch_stats": {"m": jnp.zeros(2)}},
            "bank_bg": 1, "bank_fg": 2}
   aux = {"bank_bg": 3, "bank_fg": 4}
-  student = {"w": jnp.ones(3)}
-  out = method.update_extra(extra, student, {}, aux, jnp.int32(3), None)   # epoch 1: copy
+  student, student_bs = {"w": jnp.ones(3)}, {"m": jnp.full(2, 4.0)}
+  out = method.update_extra(extra, student, student_bs, aux, jnp.int32(3), None)  # copy
   np.testing.assert_allclose(out["teacher"]["params"]["w"], 1.0)
   assert out["bank_bg"] == 3 and out["bank_fg"] == 4
-  out = method.update_extra(extra, student, {}, aux, jnp.int32(4), None)   # d = 1 - 1/3
-  np.testing.assert_allclose(out["teacher"]["params"]["w"], 1 / 3, rtol=1e-6)
+  # Reference (ema_batch_stats=False): parameters only; the statistics stay the teacher's.
+  np.testing.assert_allclose(out["teacher"]["batch_stats"]["m"],
+                             4.0 if ema_batch_stats else 0.0)
+  # Step 4 = the 5th update, 2 warm-up steps: d = 1 - 1 / (1 + 5 - 2) = 3/4.
+  out = method.update_extra(extra, student, student_bs, aux, jnp.int32(4), None)
+  np.testing.assert_allclose(out["teacher"]["params"]["w"], 1 / 4, rtol=1e-6)
+  np.testing.assert_allclose(out["teacher"]["batch_stats"]["m"],
+                             1.0 if ema_batch_stats else 0.0, rtol=1e-6)
+
+
+def test_batch_norm_heads_need_ema_batch_stats():
+  with pytest.raises(ValueError, match="ema_batch_stats"):
+    csrm.make_csrm_method(_cfg(head_norm="batch"), C, model=_tiny_model())
 
 
 # ----------------------------------------------------------------------------- queues
@@ -145,13 +165,31 @@ def test_label_masked_probs():
   np.testing.assert_allclose(p[0, 0, 0], [0.4, 0.6, 0.0], rtol=1e-6)
 
 
-def test_unsup_targets_drop_and_weight():
-  # 2 images of 1x5; image 1 is U. Entropies 0..4; drop 60 %: θ = percentile 60 = 2.4.
+def test_unsup_targets_keep_and_weight():
+  # 2 images of 1x5; image 1 is U. Entropies 0..4; keep 60 %: θ = percentile 60 = 2.4.
   ent = jnp.array([[[9.0] * 5], [[0.0, 1.0, 2.0, 3.0, 4.0]]])
   arg = jnp.array([[[1] * 5], [[0, 1, 2, 3, 4]]])
   t, w = L.unsup_targets(arg, ent, jnp.array([False, True]), jnp.float32(60.0))
   np.testing.assert_array_equal(t, [[[255] * 5], [[0, 1, 2, 255, 255]]])
   assert float(w) == pytest.approx(5 / 3)
+
+
+def test_unsup_targets_keep_the_lowest_entropy_pixels():
+  # keep_percent = 80 (the first epoch's value): of the 10 U pixels, the 8 with the lowest
+  # entropy keep their teacher label, the 2 most uncertain (entropies 8 and 9, at pixels 1
+  # and 6) become 255. θ = np.percentile(0..9, 80) = 7.2. The L image (row 0, entropies all
+  # low) is never a target. Weight = 10 / 8.
+  ent = np.array([3, 9, 0, 5, 1, 7, 8, 2, 6, 4], np.float32)
+  u_ent = jnp.asarray(np.stack([np.zeros(10, np.float32), ent])[:, None, :])
+  arg = jnp.asarray(np.stack([np.ones(10), np.arange(10) % 3])[:, None, :].astype(np.int32))
+  sched = L.schedule(jnp.int32(0), 10, 15, 1)
+  assert float(sched.keep_percent) == pytest.approx(80.0)
+  t, w = L.unsup_targets(arg, u_ent, jnp.array([False, True]), sched.keep_percent)
+  want = np.where(np.isin(np.arange(10), [1, 6]), 255, np.arange(10) % 3)
+  np.testing.assert_array_equal(t[1, 0], want)
+  np.testing.assert_array_equal(t[0], 255)
+  assert int(np.sum(np.asarray(t[1]) != 255)) == 8
+  assert float(w) == pytest.approx(10 / 8)
 
 
 def test_contrast_masks_rank_rules():
@@ -365,18 +403,114 @@ def test_export_teacher_or_student():
 @pytest.mark.parametrize("path,base_path", [("configs/synthetic/csrm.py",
                                              "configs/synthetic/cam.py"),
                                             ("configs/voc/csrm.py", "configs/voc/cam.py")])
-def test_configs_share_cam_steps_and_pick_head_norm(path, base_path):
-  # CPU-sized configs: baseline + CSRM steps = the CAM config's steps (a same-budget
-  # comparison), BatchNorm heads and a long warm-up (README, "Why CSRM ...").
+def test_configs_follow_protocol_and_pick_head_norm(path, base_path):
+  # CPU-sized configs, the protocol: the CAM config's shared baseline (same steps, same
+  # optimizer block, so the same cached stage), then CSRM for the control's method steps;
+  # BatchNorm heads and a long warm-up (README, "Why CSRM ...").
   arg = "" if path.startswith("configs/synthetic") else "runlocal"
   c, b = load_config_file(path, arg), load_config_file(base_path, arg)
   assert c.method == "csrm" and c.train.init_from == "baseline"
-  assert c.baseline.num_steps + c.train.num_steps == b.train.num_steps
+  assert c.baseline.num_steps == b.baseline.num_steps
+  assert c.baseline.optim.to_dict() == b.baseline.optim.to_dict()
+  assert c.train.num_steps == b.train.num_steps
   assert c.csrm.head_norm == "batch" and c.csrm.warmup_epochs >= 5
+  assert c.csrm.warmup_epochs * c.csrm.steps_per_epoch < c.train.num_steps
   if path.startswith("configs/voc"):
-    # The full VOC config is the reference recipe: the whole CAM schedule as the baseline,
-    # then 15 x 46 CSRM steps with GroupNorm(4), 256-wide heads and 1 warm-up epoch.
+    # The full VOC config is the reference recipe: the whole CAM schedule as the baseline
+    # (cam.py's optimizer with Nesterov, clip 1.0 and LR 0.1), then 15 x 46 CSRM steps with
+    # GroupNorm(4), 256-wide heads and 1 warm-up epoch.
     full, cam = load_config_file(path, ""), load_config_file(base_path, "")
     assert full.baseline.num_steps == cam.train.num_steps and full.train.num_steps == 690
     assert (full.csrm.head_norm, full.csrm.head_width, full.csrm.warmup_epochs) == (
         "group", 256, 1)
+    want = dict(cam.optim.to_dict(), name="nesterov", clip_global_norm=1.0, lr=0.1)
+    assert full.baseline.optim.to_dict() == want
+
+
+@pytest.mark.parametrize("path,arg", [("configs/voc/csrm.py", "runlocal"),
+                                      ("configs/voc/csrm.py", ""),
+                                      ("configs/synthetic/csrm.py", ""),
+                                      ("configs/synthetic/csrm.py", "runlocal"),
+                                      ("configs/coco/csrm.py", "runlocal"),
+                                      ("configs/coco/csrm.py", "")])
+def test_configs_use_reference_optimizer(path, arg):
+  # Reference runner (METHODS §2.4): SGD, Nesterov momentum 0.9, LR 0.007, poly 0.9,
+  # global gradient-norm clip 1.0, in every variant (the CPU-sized ones included).
+  o = load_config_file(path, arg).optim
+  assert (o.name, o.momentum, o.lr, o.schedule, o.poly_power, o.clip_global_norm) == (
+      "nesterov", 0.9, 0.007, "poly", 0.9, 1.0)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def _csrm_groups(path, arg):
+  """Optimizer group label per CSRM parameter path and the LR per group at step 0, with the
+  optimizer that `config.optim` of the config file builds (abstract params, no compute)."""
+  from wsss_jax.methods import csrm as csrm_method
+  from wsss_jax.train import optim
+  from wsss_jax.train import state as state_lib
+  c = load_config_file(path, arg)
+  c.model.pretrained = False
+  method = csrm_method.make_csrm_method(c, 6)
+  opt = state_lib.make_optimizer_for(method, c, {"image": (2, 64, 64, 3)})
+  labels = {optim.path_str(p): l for p, l in
+            jax.tree_util.tree_flatten_with_path(opt.labels)[0]}
+  return c, labels, {g: float(v) for g, v in opt.learning_rates(0).items()}
+
+
+@pytest.mark.parametrize("path,arg", [("configs/voc/csrm.py", "runlocal"),
+                                      ("configs/voc/csrm.py", "backbone=efficientnet_lite0"),
+                                      ("configs/synthetic/csrm.py", ""),
+                                      ("configs/coco/csrm.py", "runlocal"),
+                                      ("configs/coco/csrm.py", "backbone=efficientnet_lite0")])
+def test_warm_started_classifier_trains_at_pretrained_lr(path, arg):
+  # The reference trains the restored CAM classifier at the base LR (x1); the new decoder
+  # and rep head train at x10 (LR_ALPHA_SCRATCH).
+  c, labels, lrs = _csrm_groups(path, arg)
+  group = lambda prefix: {l.split("/")[0] for p, l in labels.items()
+                          if p.startswith(prefix)} - {"frozen"}
+  assert group("cam_head/") == {"pretrained"}, labels
+  assert group("backbone/") <= {"pretrained", "pretrained_bias"}
+  assert group("decoder/") == group("rep_head/") == {"head", "head_bias"}
+  base = float(c.optim.lr)
+  assert lrs["pretrained"] == pytest.approx(base)
+  assert lrs["head"] == pytest.approx(10 * base)
+  # Reference LR_ALPHA_BIAS=1: biases train at their group's LR (1x / 10x), not 2x / 20x.
+  assert lrs["pretrained_bias"] == pytest.approx(base)
+  assert lrs["head_bias"] == pytest.approx(10 * base)
+  # The baseline stage trains the CAM classifier from scratch: x10 there.
+  assert c.train.init_from == "baseline"
+  assert not re.search(c.baseline.optim.pretrained_regex, "cam_head/classifier/kernel")
+
+
+@pytest.mark.parametrize("premix", [True, False])
+def test_contrast_negatives_use_premix_labels(premix, monkeypatch):
+  # The reference takes L_contra's "not in the image label" negatives from the labels before
+  # ClassMix; with ClassMix on every image (p = 1) the mixed labels gain pasted classes.
+  from wsss_jax.methods import base
+  seen = []
+  real = csrm.L.contrast_masks
+
+  def spy(labels4, prob4, ent4, is_u, image_labels, *args, **kwargs):
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), image_labels)
+    return real(labels4, prob4, ent4, is_u, image_labels, *args, **kwargs)
+
+  monkeypatch.setattr(csrm.L, "contrast_masks", spy)
+  cfg = _cfg(classmix_prob=1.0, warmup_epochs=0, contrast_premix_labels=premix)
+  method = csrm.make_csrm_method(cfg, C, model=_tiny_model())
+  batch = {k: jnp.asarray(v) for k, v in make_batches(1, batch=4, size=32, seed=3)[0].items()}
+  batch["labels"] = jnp.eye(4, dtype=jnp.float32)   # one distinct class per image
+  v = method.init(jax.random.key(0), batch["image"][:1])
+  extra = method.init_extra(jax.random.key(1), v)
+  ctx = base.StepContext(model=method.model)
+  _, aux = jax.jit(lambda p, s, e, b: method.loss(p, s, e, b, jax.random.key(2),
+                                                  jnp.int32(0), ctx))(
+      v["params"], v["batch_stats"], extra, batch)
+  jax.effects_barrier()
+  premix_labels = np.asarray(batch["labels"])
+  assert len(seen) == 1
+  if premix:
+    np.testing.assert_array_equal(seen[0], premix_labels)
+  else:
+    assert (seen[0] >= premix_labels).all() and (seen[0] > premix_labels).any()

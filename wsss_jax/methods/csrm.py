@@ -34,6 +34,16 @@ Reference discrepancies (METHODS.md §2.8) as `config.csrm` flags, reference val
   5 contrast normaliser: `contrast_norm` = 'valid' (all classes with low pixels) | 'used'.
   8 device placement: everything is on device here (the reference's CPU queue is a speed
     artefact, not a behaviour).
+  Further (issue 28), reference value first:
+  - `ema_batch_stats` False: the teacher averages (and during warm-up copies) parameters
+    only, its `batch_stats` stay those of the initial copy, as the reference's
+    `teacher.parameters()` loop. True also averages `batch_stats` (needed with BatchNorm in
+    the scratch heads, `head_norm='batch'`, which the reference does not have).
+  - `ema_count_current` True: the EMA decay counts the update it follows (the reference
+    reads the optimizer's step counter after its increment); False: the count before it.
+  - `contrast_premix_labels` True: L_contra's "not in the image label" negatives use the
+    image labels before ClassMix (reference); False: the mixed labels (union with the
+    pasted classes).
 The exported model (`export` = 'teacher' | 'student'): the reference validates, checkpoints
 and infers with the EMA teacher after warm-up (§2.1; during warm-up the teacher equals the
 student), so the CAM, sweep and pseudo stages use the teacher by default.
@@ -72,6 +82,9 @@ def _check(cfg: Any) -> None:
               "bank_size_bg"):
     if int(cfg[key]) <= 0:
       raise ValueError(f"config.csrm.{key} must be > 0, got {cfg[key]}")
+  if cfg.head_norm == "batch" and not bool(cfg.ema_batch_stats):
+    raise ValueError("config.csrm.head_norm='batch' needs config.csrm.ema_batch_stats=True: "
+                     "otherwise the teacher keeps the heads' initial BatchNorm statistics")
   if not 1 <= int(cfg.low_rank) < int(cfg.high_rank):
     raise ValueError(f"config.csrm.low_rank/high_rank must satisfy 1 <= low < high, got "
                      f"{cfg.low_rank}, {cfg.high_rank}")
@@ -129,6 +142,9 @@ class CSRMSettings:
   teacher_pass2: str
   ema_copy_inclusive: bool
   ema_max_decay: float
+  ema_batch_stats: bool
+  ema_count_current: bool
+  contrast_premix_labels: bool
   align_corners: bool
   export: str
 
@@ -191,6 +207,7 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
                              align_corners=ac)
   s_t = up(t1["seg_logits"])
 
+  labels_premix = labels
   # 3. ClassMix on the global batch (shared key), then back to this device's rows.
   extras = {"s_t": s_t}
   if s.teacher_pass2 == "none":
@@ -231,11 +248,11 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
                                   float(s.s2c_threshold), ac)
   l_s2c = gmean(L.ce_sum_count(z, y_s2c, ls))
 
-  # 7b. L_u: U images, entropy-percentile dropping on the global batch.
+  # 7b. L_u: U images, the keep_percent % lowest-entropy pixels of the global batch.
   ent_full = (L.entropy(jax.nn.softmax(up(s_t4), axis=-1))
               if s.teacher_pass2 != "none" else L.entropy(jax.nn.softmax(s_t, axis=-1)))
   g_yhat, g_ent, g_u = ctx.all_gather_invariant((yhat_t, ent_full, is_u))
-  y_u, weight_u = L.unsup_targets(g_yhat, g_ent, g_u, sched.drop_percent)
+  y_u, weight_u = L.unsup_targets(g_yhat, g_ent, g_u, sched.keep_percent)
   y_u = ctx.local_rows(y_u, nb)
   l_u = weight_u * gmean(L.ce_sum_count(s_s, y_u))
 
@@ -244,8 +261,10 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
   lab4 = jnp.where(is_u[:, None, None], yhat_t, y_cam)
   lab4 = resize.resize_nearest(lab4, h4, half_pixel=False)
   ent4 = L.entropy(prob_t4)
+  # "Not in the image label" negatives: the labels before ClassMix (reference) or after.
+  neg_labels = labels_premix if s.contrast_premix_labels else labels
   g_lab4, g_prob4, g_ent4, g_labels, g_rt = ctx.all_gather_invariant(
-      (lab4, prob_t4, ent4, labels, r_t))
+      (lab4, prob_t4, ent4, neg_labels, r_t))
   masks = L.contrast_masks(g_lab4, g_prob4, g_ent4, g_u, g_labels, sched.alpha_percent,
                            low_rank=int(s.low_rank), high_rank=int(s.high_rank),
                            positive_threshold=float(s.positive_threshold),
@@ -290,7 +309,7 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
   labelled = (y_cam != IGNORE_INDEX)
   metrics = {
       "l_c": l_c, "l_c2s": l_c2s, "l_s2c": l_s2c, "l_u": l_u, "l_contra": l_con,
-      "w_s2c": sched.w_s2c, "active": sched.active, "drop_percent": sched.drop_percent,
+      "w_s2c": sched.w_s2c, "active": sched.active, "keep_percent": sched.keep_percent,
       "alpha_percent": sched.alpha_percent,
       "mixed": jnp.any(paste).astype(jnp.float32),
       "cam_labelled_fraction": jnp.mean(labelled.astype(jnp.float32)),
@@ -312,11 +331,12 @@ def update_extra(s: CSRMSettings, extra: Any, params: Any, batch_stats: Any, ext
   """EMA teacher (after the student's update) and the enqueued banks."""
   del ctx
   d = L.ema_decay(step, s.steps_per_epoch, s.warmup_epochs, s.ema_copy_inclusive,
-                  s.ema_max_decay)
+                  s.ema_max_decay, count_current=s.ema_count_current)
   ema = lambda t, x: (d * t + (1.0 - d) * x).astype(t.dtype)
-  teacher = {"params": jax.tree.map(ema, extra["teacher"]["params"], params),
-             "batch_stats": jax.tree.map(ema, extra["teacher"]["batch_stats"],
-                                         batch_stats)}
+  old = extra["teacher"]
+  teacher = {"params": jax.tree.map(ema, old["params"], params),
+             "batch_stats": (jax.tree.map(ema, old["batch_stats"], batch_stats)
+                             if s.ema_batch_stats else old["batch_stats"])}
   return {**extra, "teacher": teacher, "bank_bg": extra_aux["bank_bg"],
           "bank_fg": extra_aux["bank_fg"]}
 
@@ -368,6 +388,9 @@ def default_csrm_config() -> dict[str, Any]:
       teacher_pass2="train",      # §2.8.2 (reference: 'train')
       ema_copy_inclusive=True,    # §2.8.3 (reference: True)
       ema_max_decay=0.99,
+      ema_batch_stats=False,      # reference: EMA of the parameters only (see above)
+      ema_count_current=True,     # reference: decay counts the update it follows
+      contrast_premix_labels=True,  # reference: L_contra negatives from pre-ClassMix labels
       align_corners=True,         # CSRM/PNOC resize CAMs and logits with align_corners
       cams_from="class",          # pipeline CAMs: 'class' (reference) | 'seg'
       export="teacher",           # variables of the later stages: 'teacher' (reference)

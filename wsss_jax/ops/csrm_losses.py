@@ -32,7 +32,8 @@ class Schedule(NamedTuple):
   epoch: jax.Array
   active: jax.Array        # 1 after warm-up (epoch >= warmup), else 0: w_u, w_contra
   w_s2c: jax.Array         # min(0.1 + 0.9 (e - w) / (E - w), 1) after warm-up, else 0
-  drop_percent: jax.Array  # L_u: 100 - 20 (1 - e / E), percent of pixels dropped
+  keep_percent: jax.Array  # L_u: 100 - 20 (1 - e / E), percent of U pixels kept (lowest
+  #                           entropy); U²PL's `drop_percent` (its percentile, not a drop rate)
   alpha_percent: jax.Array  # L_contra: 20 (1 - e / E), percent of low/high-entropy pixels
 
 
@@ -45,21 +46,26 @@ def schedule(step: jax.Array, steps_per_epoch: int, num_epochs: int,
   active = (e >= warmup_epochs).astype(jnp.float32)
   ramp = jnp.minimum(0.1 + 0.9 * (ef - w) / max(big_e - w, 1.0), 1.0)
   return Schedule(epoch=e, active=active, w_s2c=active * ramp,
-                  drop_percent=100.0 - 20.0 * (1.0 - ef / big_e),
+                  keep_percent=100.0 - 20.0 * (1.0 - ef / big_e),
                   alpha_percent=20.0 * (1.0 - ef / big_e))
 
 
 def ema_decay(step: jax.Array, steps_per_epoch: int, warmup_epochs: int,
-              copy_inclusive: bool = True, max_decay: float = 0.99) -> jax.Array:
+              copy_inclusive: bool = True, max_decay: float = 0.99, *,
+              count_current: bool = True) -> jax.Array:
   """Teacher decay d for the update after optimizer step `step` (θ_t <- d θ_t + (1-d) θ_s).
 
-  d = 0 (copy the student) while epoch <= warmup (`copy_inclusive`, the reference's `<=`)
-  or epoch < warmup; afterwards min(1 - 1 / (1 + step - warmup_steps), max_decay).
+  `step` is the 0-based index of the update just made (the train state's count before its
+  increment). d = 0 (copy the student) while epoch <= warmup (`copy_inclusive`, the
+  reference's `<=`) or epoch < warmup; afterwards min(1 - 1 / (1 + n - warmup_steps),
+  max_decay) with n = step + 1, the number of updates done including this one, as the
+  reference reads its optimizer counter after the increment (`count_current`), or n = step.
   """
   step = jnp.asarray(step, jnp.int32)
   e = step // steps_per_epoch
   copy = (e <= warmup_epochs) if copy_inclusive else (e < warmup_epochs)
-  since = (step - warmup_epochs * steps_per_epoch).astype(jnp.float32)
+  n = step + 1 if count_current else step
+  since = (n - warmup_epochs * steps_per_epoch).astype(jnp.float32)
   d = jnp.minimum(1.0 - 1.0 / (1.0 + jnp.maximum(since, 0.0)), max_decay)
   return jnp.where(copy, 0.0, d).astype(jnp.float32)
 
@@ -172,25 +178,27 @@ def s2c_logits_targets(seg_logits: jax.Array, cams: jax.Array, teacher_probs: ja
 
 
 def unsup_targets(teacher_argmax: jax.Array, teacher_entropy: jax.Array,
-                  is_unlabeled: jax.Array, drop_percent: jax.Array
+                  is_unlabeled: jax.Array, keep_percent: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
-  """L_u targets with entropy-percentile dropping (§2.3.3, U²PL).
+  """L_u targets: the `keep_percent` % lowest-entropy U pixels (§2.3.3, U²PL).
 
-  Ŷ_t = argmax P_t on the U images; pixels whose (train-mode teacher) entropy is >= the
-  `drop_percent` percentile of the U pixels' entropies become 255.
+  Ŷ_t = argmax P_t on the U images; pixels whose (train-mode teacher) entropy is >= θ, the
+  `keep_percent` percentile of the U pixels' entropies, become 255, so about keep_percent %
+  of the U pixels are kept (80 % at the first epoch, rising to 100 %). U²PL calls this
+  percentile `drop_percent`; it is the share kept, not dropped.
 
   Args:
     teacher_argmax: int [B, H, W] argmax of the label-masked teacher probabilities.
-    teacher_entropy: [B, H, W] entropy used for dropping.
+    teacher_entropy: [B, H, W] entropy that ranks the pixels.
     is_unlabeled: bool [B].
-    drop_percent: percent of U pixels to drop (80 .. 100).
+    keep_percent: percent of U pixels to keep (80 .. 100).
 
   Returns:
     (targets int32 [B, H, W], weight: float32 []: (#U pixels) / (#kept pixels), the U²PL
-    re-weighting; 0 when nothing is kept).
+    re-weighting (1.25 when 80 % are kept); 0 when nothing is kept).
   """
   u = jnp.broadcast_to(is_unlabeled[:, None, None], teacher_entropy.shape)
-  theta = masked_percentile(teacher_entropy, u, drop_percent)
+  theta = masked_percentile(teacher_entropy, u, keep_percent)
   keep = u & (teacher_entropy < theta)
   target = jnp.where(keep, teacher_argmax, IGNORE_INDEX).astype(jnp.int32)
   n_all = jnp.sum(u).astype(jnp.float32)
