@@ -212,7 +212,7 @@ def _hand_outputs(proj_bg_value, cams=None):
 
 
 def _extra(s, k=2):
-  return {"bank": memory.fifo_init(s.bank_size, jnp.zeros((s.proj_dim,), jnp.float32)),
+  return {"bank": fbr.init_bank(s),
           "protos": jnp.zeros((k, s.proj_dim)), "proto_valid": jnp.zeros((k,), bool)}
 
 
@@ -230,10 +230,51 @@ def test_bank_keeps_nrois_in_fifo_order():
     pushed.append({(t + 1.0, 0.0, 0.0), (0.0, t + 1.0, 0.0)})
     assert float(metrics["fbr/nrois_per_image"]) == 2.0
   items, valid = memory.fifo_ordered(extra["bank"])
-  got = [tuple(np.asarray(v).tolist()) for v in np.asarray(items)[np.asarray(valid)]]
+  got = [tuple(np.asarray(v).tolist()) for v in np.asarray(items["feat"])[np.asarray(valid)]]
   assert int(extra["bank"].count) == 5
   # Oldest first: step 0 lost its first NROI, then both of step 1, both of step 2.
   assert got[0] in pushed[0] and set(got[1:3]) == pushed[1] and set(got[3:5]) == pushed[2]
+
+
+def test_bank_fill_and_age_of_draws():
+  # 2 NROIs per step (as above) into a bank of 5 at steps 0, 10, 20. Contents after each
+  # push (push steps): {0, 0}, {0, 0, 10, 10}, {0, 10, 10, 20, 20} (one step-0 NROI
+  # overwritten). Uniform draws -> expected mean age = mean over the filled slots.
+  _, s = _settings(proj_dim=3, bank_size=5, num_clusters=4, proto_topk_div=6,
+                   num_bank_negatives=4000)
+  cams = [[1.0, 0.0], [0.3, 0.0], [0.0, 1.0], [0.0, 0.2], [0.0, 0.0], [0.0, 0.0]]
+  extra = _extra(s)
+  want = [(2 / 5, 0.0), (4 / 5, (10 + 10 + 0 + 0) / 4), (1.0, (20 + 10 + 10 + 0 + 0) / 5)]
+  for t, (fill, age) in enumerate(want):
+    out = _hand_outputs([t + 1.0, 0.0, 0.0], cams)
+    out["proj_bg"] = out["proj_bg"].at[0, 0, 5].set(jnp.array([0.0, t + 1.0, 0.0]))
+    _, metrics, extra = jax.jit(fbr.fbr_terms, static_argnums=(0, 5))(
+        s, out, jnp.ones((1, 2)), extra, jax.random.key(t), JIT_CTX, 10 * t)
+    assert float(metrics["fbr/bank_fill"]) == pytest.approx(fill)
+    # Ages of 4000 uniform draws: 4-sigma tolerance of the mean (ages span <= 20).
+    assert abs(float(metrics["fbr/bank_age"]) - age) <= 4 * 10 / math.sqrt(4000) + 1e-6
+  np.testing.assert_array_equal(np.sort(np.asarray(extra["bank"].items["step"])),
+                                [0, 10, 10, 20, 20])
+  # Hand-made bank: exact age of given draws; an empty bank reports age 0.
+  bank = memory.FifoBank({"feat": jnp.zeros((8, 2)), "step": jnp.array([3, 5, 5, 7] + [0] * 4)},
+                         jnp.array(4, jnp.int32), jnp.array(4, jnp.int32))
+  stats = fbr.bank_draw_stats(bank, jnp.array([3, 7, 7]), jnp.array(True), jnp.array(9))
+  assert float(stats["fbr/bank_fill"]) == 0.5
+  assert float(stats["fbr/bank_age"]) == pytest.approx((6 + 2 + 2) / 3)
+  empty = fbr.bank_draw_stats(bank._replace(count=jnp.array(0)), jnp.array([0, 0]),
+                              jnp.array(False), jnp.array(9))
+  assert float(empty["fbr/bank_age"]) == 0.0
+
+
+def test_bank_size_from_schedule():
+  # The paper: 8 NROIs x batch 8 x 20,000 steps with a 50k bank.
+  assert fbr.bank_size_for_schedule(20000, 8, 8) == 50000
+  assert fbr.bank_size_for_schedule(200, 8, 8) == round(200 * 64 * 50000 / 1280000) == 500
+  assert fbr.bank_size_for_schedule(1, 8, 8) == 64          # at least one step's NROIs
+  cfg, s = _settings(bank_frac=0.1)
+  assert s.bank_size == round(0.1 * cfg.train.num_steps * cfg.data.batch_size * 4)
+  with pytest.raises(ValueError, match="bank_frac"):
+    _settings(bank_frac=-1.0)
 
 
 # ---------------------------------------------------------------- active sampling

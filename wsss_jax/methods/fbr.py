@@ -13,7 +13,8 @@ Per train step (METHODS.md §3.2; the paper's semantics unless `code_compat`):
 5. NROIs: per-image k-means (K = 8, k-means++ seeding, `kmeans_iters` Lloyd iterations) on
    the background pixels (Y^ = 0) of detached Z_bg, gathered over devices and pushed into a
    FIFO bank (50k); empty clusters are not pushed, so an image with fewer than 8 background
-   pixels pushes its pixels themselves.
+   pixels pushes its pixels themselves. Each NROI is stored with the step that pushed it,
+   so the step logs the bank's fill and the mean age of the NROIs it draws.
 6. L_FB (Eq. 7): InfoNCE of each query against its prototype (positive) and 256 NROIs drawn
    uniformly from the bank (after this step's push), cosine / tau_FB.
 7. Active sampling (Eq. 8) + L_IF (Eq. 9): per query, 256 negatives: a class c' ~ softmax
@@ -70,6 +71,7 @@ class FBRSettings:
   num_clusters: int = 8
   kmeans_iters: int = 10
   bank_size: int = 50000
+  bank_frac: float = 0.0
   num_bank_negatives: int = 256
   num_fg_negatives: int = 256
   query_threshold: float = 0.4
@@ -99,6 +101,8 @@ def fbr_config() -> dict[str, Any]:
       num_clusters=8,           # NROIs per image (k-means K)
       kmeans_iters=10,          # Lloyd iterations after k-means++ seeding
       bank_size=50000,          # FIFO NROI bank capacity (VOC; COCO 200k)
+      bank_frac=0.0,            # > 0: capacity = this share of the training's NROIs
+                                # (`bank_size_for_schedule`), overriding bank_size
       num_bank_negatives=256,   # NROIs drawn from the bank per step (shared by queries)
       num_fg_negatives=256,     # active FG negatives per query
       query_threshold=0.4,      # tau_q: queries are pixels of c with M_c < this
@@ -113,8 +117,35 @@ def fbr_config() -> dict[str, Any]:
       tau_fb=-1.0, tau_if=-1.0)
 
 
+# The paper's bank relative to its schedule: 50k NROIs = 8 NROIs x batch 8 x ~781 steps of
+# 20,000 on VOC (METHODS.md §3.4), i.e. the bank holds about 3.9 % of the training's NROIs.
+PAPER_BANK_FRAC = 50000 / (8 * 8 * 20000)
+
+
+def bank_size_for_schedule(num_steps: int, batch_size: int, num_clusters: int,
+                           frac: float = PAPER_BANK_FRAC) -> int:
+  """Bank capacity holding `frac` of the NROIs a training pushes at most.
+
+  Args:
+    num_steps: train steps of the method.
+    batch_size: global batch size (images per step).
+    num_clusters: NROIs per image (k-means K).
+    frac: share of all pushed NROIs the bank holds (the paper's ~3.9 % by default).
+
+  Returns:
+    max(num_clusters * batch_size, round(frac * num_steps * batch_size * num_clusters)):
+    at least one step's NROIs, so a step never overwrites its own push.
+  """
+  per_step = int(batch_size) * int(num_clusters)
+  return max(per_step, int(round(float(frac) * int(num_steps) * per_step)))
+
+
 def settings_from_config(config: Any) -> FBRSettings:
   """Resolves and validates `config.fbr` (missing keys take `fbr_config` defaults).
+
+  With `fbr.bank_frac > 0` the bank size comes from `config.train.num_steps` and
+  `config.data.batch_size` (`bank_size_for_schedule`), so it follows command-line
+  overrides of the schedule.
 
   Raises:
     ValueError: naming the offending `fbr.<key>`.
@@ -144,13 +175,35 @@ def settings_from_config(config: Any) -> FBRSettings:
     raise ValueError(f"fbr.proto_ema must be in [0, 1), got {raw['proto_ema']}")
   if not 0.0 <= float(raw["bg_dropout"]) < 1.0:
     raise ValueError(f"fbr.bg_dropout must be in [0, 1), got {raw['bg_dropout']}")
+  if float(raw["bank_frac"]) < 0:
+    raise ValueError(f"fbr.bank_frac must be >= 0, got {raw['bank_frac']}")
+  if float(raw["bank_frac"]) > 0:
+    raw["bank_size"] = bank_size_for_schedule(
+        int(config.train.num_steps), int(config.data.batch_size), int(raw["num_clusters"]),
+        float(raw["bank_frac"]))
   types = {f.name: f.type for f in dataclasses.fields(FBRSettings)}
   cast = {"bool": bool, "int": int, "float": float, "str": str}
   return FBRSettings(**{k: cast[types[k]](v) for k, v in raw.items()})
 
 
+def init_bank(s: FBRSettings) -> memory.FifoBank:
+  """The empty NROI bank: items {'feat' [Q, D] float32, 'step' [Q] int32 (push step)}."""
+  return memory.fifo_init(s.bank_size, {"feat": jnp.zeros((s.proj_dim,), jnp.float32),
+                                        "step": jnp.zeros((), jnp.int32)})
+
+
+def bank_draw_stats(bank: memory.FifoBank, drawn_steps: jax.Array, ok: jax.Array,
+                    step: jax.Array) -> dict[str, jax.Array]:
+  """Turnover metrics of the bank: fill (count / Q) and the mean age in steps
+  (`step` - push step) of the drawn NROIs (0 when the bank is empty)."""
+  age = jnp.mean((step - drawn_steps).astype(jnp.float32))
+  return {"fbr/bank_fill": bank.count.astype(jnp.float32) / memory.capacity(bank),
+          "fbr/bank_age": jnp.where(ok, age, 0.0)}
+
+
 def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extra: Any,
-              key: jax.Array, ctx: base.StepContext) -> tuple[dict, dict, dict]:
+              key: jax.Array, ctx: base.StepContext, step: jax.Array | int = 0
+              ) -> tuple[dict, dict, dict]:
   """The FBR losses of one step from the model outputs.
 
   Args:
@@ -160,6 +213,7 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
     extra: `{'bank': FifoBank, 'protos': [K, D], 'proto_valid': [K]}`.
     key: a PRNG key identical on every device.
     ctx: step context (collectives).
+    step: the train step (stamps the pushed NROIs; their age at draw time is logged).
 
   Returns:
     (losses {fb, if, seg, sim} float32 scalars (global values), metrics, new extra).
@@ -206,8 +260,12 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   is_q = is_q & c_ok[qc]
 
   # L_FB (Eq. 7) against NROIs of the bank after this step's push.
-  bank = memory.fifo_enqueue(extra["bank"], centers.reshape(-1, d), c_valid.reshape(-1))
-  negs, ok = memory.fifo_sample(bank, k_bank, s.num_bank_negatives)
+  step = jnp.asarray(step, jnp.int32)
+  bank = memory.fifo_enqueue(
+      extra["bank"], {"feat": centers.reshape(-1, d),
+                      "step": jnp.full(c_valid.size, step, jnp.int32)}, c_valid.reshape(-1))
+  drawn, ok = memory.fifo_sample(bank, k_bank, s.num_bank_negatives)
+  negs = drawn["feat"]
   a_fb = jax.lax.stop_gradient(q) if s.code_compat else q
   pos_fb = jnp.sum(a_fb * p[qc], axis=-1) / s.tau_fb
   neg_fb = a_fb @ l2_normalize(negs).T / s.tau_fb
@@ -239,7 +297,7 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
              "fbr/bg_frac": (f32(seeds == 0), float(n)),
              "fbr/nrois_per_image": f32(c_valid) / b_global,
              "fbr/classes": jnp.sum(c_ok.astype(jnp.float32)),
-             "fbr/bank_fill": bank.count.astype(jnp.float32) / memory.capacity(bank)}
+             **bank_draw_stats(bank, drawn["step"], ok, step)}
   new_extra = {"bank": bank, "protos": protos, "proto_valid": p_valid}
   return losses, metrics, new_extra
 
@@ -276,7 +334,7 @@ def make_fbr_method(config: Any, num_classes: int, *,
 
   def init_extra(rng, variables):
     del rng, variables
-    return {"bank": memory.fifo_init(s.bank_size, jnp.zeros((s.proj_dim,), jnp.float32)),
+    return {"bank": init_bank(s),
             "protos": jnp.zeros((k, s.proj_dim), jnp.float32),
             "proto_valid": jnp.zeros((k,), bool)}
 
@@ -286,7 +344,8 @@ def make_fbr_method(config: Any, num_classes: int, *,
     logits, labels = out["logits"], batch["labels"]
     l_cls = jnp.mean(losses.multilabel_soft_margin_loss(logits, labels))
     terms, fbr_metrics, new_extra = fbr_terms(s, out, labels, extra,
-                                              jax.random.fold_in(seed_key, step), ctx)
+                                              jax.random.fold_in(seed_key, step), ctx,
+                                              step=step)
     value = (l_cls + s.lambda_fb * terms["fb"] + s.lambda_if * terms["if"]
              + s.lambda_seg * terms["seg"] + s.lambda_sim * terms["sim"])
     metrics = {**cam.cam_metrics(logits, labels), **fbr_metrics, "loss_cls": l_cls,
