@@ -277,6 +277,33 @@ def test_bank_size_from_schedule():
     _settings(bank_frac=-1.0)
 
 
+def test_padding_is_never_background():
+  """The hand case with pixel 5 (background, its own NROI) marked as crop padding: it is
+  no seed, pushes no NROI, and leaves L_seg; the GT diagnostics count the rest."""
+  _, s = _settings(proj_dim=3, proto_topk_div=6, num_clusters=4)
+  out = _hand_outputs([0.0, 2.0, 0.0])
+  out["proj_bg"] = out["proj_bg"].at[0, 0, 5].set(jnp.array([5.0, 0.0, 0.0]))
+  valid = jnp.array([[[True] * 5 + [False]]])
+  gt = jnp.array([[[1, 1, 2, 0, 0, 255]]])
+  _, m_all, e_all = _terms(s, out, jnp.ones((1, 2)), _extra(s), jax.random.key(0))
+  losses, metrics, extra = jax.jit(fbr.fbr_terms, static_argnums=(0, 5))(
+      s, out, jnp.ones((1, 2)), _extra(s), jax.random.key(0), JIT_CTX, 0, valid, gt)
+  ratio = lambda v: float(v[0]) / float(v[1])  # (numerator, denominator) metrics
+  # Without `valid`: both background pixels are seeds and push their own NROI.
+  assert int(e_all["bank"].count) == 2 and ratio(m_all["fbr/bg_frac"]) == pytest.approx(2 / 6)
+  assert int(extra["bank"].count) == 1
+  np.testing.assert_allclose(extra["bank"].items["feat"][0], [0.0, 2.0, 0.0])
+  assert ratio(metrics["fbr/bg_frac"]) == pytest.approx(1 / 5)
+  assert float(metrics["fbr/nrois_per_image"]) == 1.0
+  # L_seg over the 5 image pixels: logits 0 (4x, targets 0 / 1 alike: log 2) and 2 (target 1).
+  want_seg = np.mean([math.log(2)] * 4 + [math.log(1 + math.exp(-2))])
+  np.testing.assert_allclose(losses["seg"], want_seg, rtol=1e-6)
+  # Queries are pixels 1 (GT 1) and 3 (GT 0); the one background seed is GT background.
+  assert ratio(metrics["fbr/query_gt_bg"]) == pytest.approx(0.5)
+  assert ratio(metrics["fbr/bg_seed_gt_bg"]) == 1.0
+  np.testing.assert_allclose(metrics["fbr/query_frac"], (2.0, 5.0))
+
+
 # ---------------------------------------------------------------- active sampling
 
 
@@ -415,8 +442,17 @@ def test_fbr_step_sharded_equals_unsharded(mode):
   method = fbr.make_fbr_method(cfg, 5, model=FBRNet(TinyBackbone(), 5, proj_dim=s.proj_dim,
                                                     bg_dropout=0.0))
   batches = make_batches(3)
+  rng = np.random.default_rng(0)
+  for bt in batches:  # Crop padding of unequal size per device, and ground-truth masks.
+    valid = np.ones(bt["image"].shape[:3], bool)
+    for i, cols in enumerate(rng.integers(0, 12, len(valid))):
+      valid[i, :, 16 - cols:] = False
+    bt["image"][~valid] = 0.0
+    bt["valid"] = valid
+    bt["mask"] = np.where(valid, rng.integers(0, 5, valid.shape), 255).astype(np.int32)
   ref, ref_hist = run_steps(method, cfg, 1, "jit", batches)
   got, hist = run_steps(method, _settings(**mode)[0], 8, "shard_map", batches)
+  assert 0 < float(ref_hist[-1]["fbr/query_gt_bg"]) < 1
   assert max_abs_diff(got.params, ref.params) < 2e-6
   assert max_abs_diff(got.extra, ref.extra) < 1e-5
   assert int(ref.extra["bank"].count) > 0 and float(ref_hist[-1]["loss_if"]) > 0

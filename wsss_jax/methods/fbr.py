@@ -52,7 +52,9 @@ from wsss_jax.methods import base
 from wsss_jax.methods import cam
 from wsss_jax.ops import losses
 from wsss_jax.ops import fbr_losses as F
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import memory
+from wsss_jax.ops import resize
 from wsss_jax.ops import prototypes as proto_ops
 from wsss_jax.ops.norms import l2_normalize
 
@@ -202,7 +204,8 @@ def bank_draw_stats(bank: memory.FifoBank, drawn_steps: jax.Array, ok: jax.Array
 
 
 def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extra: Any,
-              key: jax.Array, ctx: base.StepContext, step: jax.Array | int = 0
+              key: jax.Array, ctx: base.StepContext, step: jax.Array | int = 0,
+              valid: jax.Array | None = None, gt: jax.Array | None = None
               ) -> tuple[dict, dict, dict]:
   """The FBR losses of one step from the model outputs.
 
@@ -214,14 +217,24 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
     key: a PRNG key identical on every device.
     ctx: step context (collectives).
     step: the train step (stamps the pushed NROIs; their age at draw time is logged).
+    valid: [B, h, w] bool, feature pixels on the image (False on crop padding) or None
+      (all). Padding is never a seed of any class (so never background: no NROI, no BG
+      positive), never a query, prototype pixel or negative, and leaves L_seg and L_sim.
+    gt: [B, h, w] int ground-truth labels (255 = unknown) or None; only for the
+      diagnostics `fbr/query_gt_bg` (share of queries that are ground-truth background)
+      and `fbr/bg_seed_gt_bg` (share of background seeds that are).
 
   Returns:
     (losses {fb, if, seg, sim} float32 scalars (global values), metrics, new extra).
   """
   b, h, w, k = out["cams"].shape
   n, hw = b * h * w, h * w
+  ok_px = (jnp.ones((n,), bool) if valid is None else valid.reshape(n).astype(bool))
+  # M = 0 on padding: no class there, no prototype weight, no query.
   m = jax.lax.stop_gradient(F.seed_cams(out["cams"], labels)).reshape(n, k)
-  seeds = F.seed_labels(m, s.seed_bg_threshold)                         # [n]
+  m = m * ok_px[:, None].astype(m.dtype)
+  # Padding gets label -1 (neither background nor a class): pool, NROIs and queries skip it.
+  seeds = jnp.where(ok_px, F.seed_labels(m, s.seed_bg_threshold), -1)     # [n]
   z_fg = out["proj_fg"].reshape(n, -1)
   d = z_fg.shape[-1]
   q = l2_normalize(z_fg)                                              # anchors (grad)
@@ -247,17 +260,18 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   if s.proto_ema > 0:
     protos, p_valid = proto_ops.prototype_ema(extra["protos"], extra["proto_valid"],
                                               protos, p_valid, s.proto_ema)
-  pool_cls = g["seeds"] - 1                                             # -1 = background
+  pool_cls = jnp.maximum(g["seeds"] - 1, -1)                 # -1 = background / padding
   has_pixels = jnp.sum(jax.nn.one_hot(pool_cls, k, dtype=jnp.int32), axis=0) > 0
   c_ok = p_valid & has_pixels
   p = l2_normalize(protos)
   qc = jnp.maximum(seeds - 1, 0)
+  seeds0 = jnp.maximum(seeds, 0)  # the query rules' 0..K labels (padding has M = 0 anyway)
   if s.query_rule == "unsure":
-    is_q = F.unsure_query_mask(m.reshape(b, hw, k), seeds.reshape(b, hw),
+    is_q = F.unsure_query_mask(m.reshape(b, hw, k), seeds0.reshape(b, hw),
                                bg_score=s.seed_bg_threshold).reshape(n)
   else:
-    is_q = F.query_mask(m, seeds, s.query_threshold)
-  is_q = is_q & c_ok[qc]
+    is_q = F.query_mask(m, seeds0, s.query_threshold)
+  is_q = is_q & c_ok[qc] & ok_px
 
   # L_FB (Eq. 7) against NROIs of the bank after this step's push.
   step = jnp.asarray(step, jnp.int32)
@@ -286,18 +300,28 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   l_if = F.info_nce_from_logits(pos_if, neg_if, ok_if)
   if_sum, if_cnt = ctx.psum(F.class_sums(l_if, qc, is_q & jnp.any(ok_if, axis=-1), k))
 
+  # Global means over the valid pixels (sums across devices, as the contrastive terms).
+  global_mean = lambda sc: (lambda t, c: t / jnp.maximum(c, 1.0))(*ctx.psum(sc))
+  seg_sc = F.bg_seg_sums(out["bg_logit"].reshape(n), F.bg_seg_targets(
+      m, s.bg_label_threshold), ok_px)
   losses = {"fb": F.mean_of_class_means(fb_sum, fb_cnt),
             "if": F.mean_of_class_means(if_sum, if_cnt),
-            "seg": F.bg_seg_loss(out["bg_logit"], F.bg_seg_targets(
-                m.reshape(b, h, w, k), s.bg_label_threshold)),
-            "sim": (F.decorrelation_loss(out["proj_fg"], out["proj_bg"])
+            "seg": global_mean(seg_sc),
+            "sim": (global_mean(F.decorrelation_sums(
+                out["proj_fg"].reshape(n, d), out["proj_bg"].reshape(n, d), ok_px))
                     if s.lambda_sim > 0 else jnp.zeros((), jnp.float32))}
   f32 = lambda x: jnp.sum(x.astype(jnp.float32))
-  metrics = {"fbr/query_frac": (f32(is_q), float(n)),
-             "fbr/bg_frac": (f32(seeds == 0), float(n)),
+  n_ok = f32(ok_px)
+  metrics = {"fbr/query_frac": (f32(is_q), n_ok),
+             "fbr/bg_frac": (f32(seeds == 0), n_ok),
              "fbr/nrois_per_image": f32(c_valid) / b_global,
              "fbr/classes": jnp.sum(c_ok.astype(jnp.float32)),
              **bank_draw_stats(bank, drawn["step"], ok, step)}
+  if gt is not None:  # Diagnostics only: labels never enter a loss.
+    gt = gt.reshape(n)
+    known = gt != IGNORE_INDEX
+    metrics["fbr/query_gt_bg"] = (f32(is_q & (gt == 0)), f32(is_q & known))
+    metrics["fbr/bg_seed_gt_bg"] = (f32((seeds == 0) & (gt == 0)), f32((seeds == 0) & known))
   new_extra = {"bank": bank, "protos": protos, "proto_valid": p_valid}
   return losses, metrics, new_extra
 
@@ -343,9 +367,14 @@ def make_fbr_method(config: Any, num_classes: int, *,
     out, new_bs = ctx.apply(params, batch_stats, batch["image"], **kw)
     logits, labels = out["logits"], batch["labels"]
     l_cls = jnp.mean(losses.multilabel_soft_margin_loss(logits, labels))
+    size = out["cams"].shape[1:3]
+    # A feature pixel is on the image when the crop pixel at its centre is (half-pixel
+    # nearest); batches without `valid` (tests, benchmarks) have no padding.
+    valid = (resize.resize_nearest(batch["valid"], size) if "valid" in batch else None)
+    gt = resize.resize_nearest(batch["mask"], size) if "mask" in batch else None
     terms, fbr_metrics, new_extra = fbr_terms(s, out, labels, extra,
                                               jax.random.fold_in(seed_key, step), ctx,
-                                              step=step)
+                                              step=step, valid=valid, gt=gt)
     value = (l_cls + s.lambda_fb * terms["fb"] + s.lambda_if * terms["if"]
              + s.lambda_seg * terms["seg"] + s.lambda_sim * terms["sim"])
     metrics = {**cam.cam_metrics(logits, labels), **fbr_metrics, "loss_cls": l_cls,
