@@ -207,7 +207,9 @@ def _hand_outputs(proj_bg_value, cams=None):
   z_fg = [[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1], [1, 1, 1], [1, 1, 1]]
   z_bg = [[9, 9, 9]] * 4 + [proj_bg_value, proj_bg_value]
   f = lambda v: jnp.asarray(v, jnp.float32).reshape(1, 1, 6, -1)
-  return {"cams": f(cams), "proj_fg": f(z_fg), "proj_bg": f(z_bg),
+  # BN -> ReLU of the BG branch (L_sim's side), deliberately unlike Z_bg.
+  z_bg_bn = [[0, 1, 0]] * 6
+  return {"cams": f(cams), "proj_fg": f(z_fg), "proj_bg": f(z_bg), "proj_bg_bn": f(z_bg_bn),
           "bg_logit": jnp.array([[[0.0, 0.0, 0.0, 0.0, 2.0, -1.0]]])}
 
 
@@ -373,9 +375,9 @@ def test_fbr_losses_hand_case():
     np.testing.assert_allclose(losses["seg"], want_seg, rtol=1e-6)
     assert int(extra["bank"].count) == 1 and float(metrics["fbr/classes"]) == 2
     np.testing.assert_allclose(metrics["fbr/query_frac"][0], 2.0)
-    if code_compat:  # L_sim: mean cos(Z_fg, Z_bg): pixels 0-3 vs (1,1,1), 4-5 vs e1.
+    if code_compat:  # L_sim: mean cos(Z_fg, BN->ReLU Z_bg = e1), not of Z_bg itself.
       third = 1 / math.sqrt(3)
-      want_sim = np.mean([third, 2 * third / math.sqrt(2), third, third, third, third])
+      want_sim = np.mean([0.0, 1 / math.sqrt(2), 0.0, 0.0, third, third])
       np.testing.assert_allclose(losses["sim"], want_sim, rtol=1e-5)
     else:
       assert float(losses["sim"]) == 0.0
@@ -434,6 +436,26 @@ def test_fb_gradient_reaches_fg_projection_only_in_paper_mode(code_compat):
     assert norm(g_fb) == 0.0
   else:
     assert norm(g_fb["proj_fg"]) > 1e-6 and norm(g_fb["backbone"]) > 1e-6
+
+
+def test_fbr_net_bg_bn_activation():
+  """`proj_bg_bn` = ReLU(BN(conv_bg f)): in eval mode with fresh statistics (mean 0, var 1)
+  and a hand-set BN affine (scale 2, bias -0.5) it is ReLU(2 pre / sqrt(1 + eps) - 0.5),
+  where ReLU(pre) = `proj_bg` (pre <= 0 gives 0 either way)."""
+  model = FBRNet(TinyBackbone(), 5, proj_dim=8, bg_dropout=0.0)
+  image = make_batches(1, batch=2)[0]["image"]
+  variables = model.init(jax.random.key(0), image, train=False)
+  # The BN's affine leaves ('scale', 'bias', wherever Norm nests them): 2 and -0.5.
+  affine = lambda path, v: (jnp.full_like(v, 2.0) if "scale" in jax.tree_util.keystr(path)
+                            else jnp.full_like(v, -0.5))
+  params = {**variables["params"],
+            "bg_norm": jax.tree_util.tree_map_with_path(affine, variables["params"]["bg_norm"])}
+  out = model.apply({**variables, "params": params}, image, train=False)
+  eps = 1e-5
+  want = np.maximum(2 * np.asarray(out["proj_bg"]) / np.sqrt(1 + eps) - 0.5, 0.0)
+  np.testing.assert_allclose(out["proj_bg_bn"], want, rtol=1e-4, atol=1e-5)
+  assert float(jnp.mean(out["proj_bg_bn"] > 0)) > 0.05                 # not vacuous
+  assert not np.allclose(out["proj_bg_bn"], out["proj_bg"], atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", [{}, {"code_compat": True, "proto_ema": 0.5}])

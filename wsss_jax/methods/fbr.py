@@ -28,8 +28,9 @@ the released code and ReCo); gradients reach the queries, i.e. Z_fg and the back
 
 `code_compat=True` reproduces the released PPC-variant code (METHODS.md §3.3, §3.7): L_FB
 anchors are detached (no gradient), lambda_FB / lambda_IF = 0.01 / 0.1, tau_FB = tau_IF = 0.5,
-lambda_seg = 0.1, the cosine decorrelation L_sim between Z_fg and Z_bg with weight 0.1, and
-the percentile/entropy "unsure" queries (`query_rule='unsure'`, rate 0.1: not in the top
+lambda_seg = 0.1, the cosine decorrelation L_sim (weight 0.1) between Z_fg and the BG
+branch's BN -> ReLU activation (`proj_bg_bn`, as the released code), and the
+percentile/entropy "unsure" queries (`query_rule='unsure'`, rate 0.1: not in the top
 40 % of their class's CAM values in the image and above the image's 10 % entropy quantile).
 Not reproduced: the wrong-axis cosine of L_FB (with detached anchors it has no gradient, so
 it would only change the logged value), PPC/EPS/SEAM's own losses and the second view.
@@ -211,7 +212,8 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
 
   Args:
     s: settings.
-    out: model outputs (`cams`, `proj_fg`, `proj_bg`, `bg_logit`), this device's batch.
+    out: model outputs (`cams`, `proj_fg`, `proj_bg`, `bg_logit`; `proj_bg_bn` when
+      lambda_sim > 0), this device's batch.
     labels: [B, K] multi-hot.
     extra: `{'bank': FifoBank, 'protos': [K, D], 'proto_valid': [K]}`.
     key: a PRNG key identical on every device.
@@ -308,7 +310,7 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
             "if": F.mean_of_class_means(if_sum, if_cnt),
             "seg": global_mean(seg_sc),
             "sim": (global_mean(F.decorrelation_sums(
-                out["proj_fg"].reshape(n, d), out["proj_bg"].reshape(n, d), ok_px))
+                out["proj_fg"].reshape(n, d), out["proj_bg_bn"].reshape(n, d), ok_px))
                     if s.lambda_sim > 0 else jnp.zeros((), jnp.float32))}
   f32 = lambda x: jnp.sum(x.astype(jnp.float32))
   n_ok = f32(ok_px)
@@ -335,7 +337,7 @@ def make_fbr_method(config: Any, num_classes: int, *,
       `config.fbr` (`fbr_config`), `config.seed`.
     num_classes: C, background included.
     model: override (tests); must return `logits`, `cams`, `proj_fg`, `proj_bg`,
-      `bg_logit`. Default: `models.fbr_net.FBRNet` on `build_backbone(config.model)`.
+      `bg_logit` (and `proj_bg_bn` with L_sim on). Default: `models.fbr_net.FBRNet` on `build_backbone(config.model)`.
 
   Returns:
     The Method; extra state = NROI bank + running prototypes.
