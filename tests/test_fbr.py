@@ -207,12 +207,14 @@ def _hand_outputs(proj_bg_value, cams=None):
   z_fg = [[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1], [1, 1, 1], [1, 1, 1]]
   z_bg = [[9, 9, 9]] * 4 + [proj_bg_value, proj_bg_value]
   f = lambda v: jnp.asarray(v, jnp.float32).reshape(1, 1, 6, -1)
-  return {"cams": f(cams), "proj_fg": f(z_fg), "proj_bg": f(z_bg),
+  # BN -> ReLU of the BG branch (L_sim's side), deliberately unlike Z_bg.
+  z_bg_bn = [[0, 1, 0]] * 6
+  return {"cams": f(cams), "proj_fg": f(z_fg), "proj_bg": f(z_bg), "proj_bg_bn": f(z_bg_bn),
           "bg_logit": jnp.array([[[0.0, 0.0, 0.0, 0.0, 2.0, -1.0]]])}
 
 
 def _extra(s, k=2):
-  return {"bank": memory.fifo_init(s.bank_size, jnp.zeros((s.proj_dim,), jnp.float32)),
+  return {"bank": fbr.init_bank(s),
           "protos": jnp.zeros((k, s.proj_dim)), "proto_valid": jnp.zeros((k,), bool)}
 
 
@@ -230,10 +232,78 @@ def test_bank_keeps_nrois_in_fifo_order():
     pushed.append({(t + 1.0, 0.0, 0.0), (0.0, t + 1.0, 0.0)})
     assert float(metrics["fbr/nrois_per_image"]) == 2.0
   items, valid = memory.fifo_ordered(extra["bank"])
-  got = [tuple(np.asarray(v).tolist()) for v in np.asarray(items)[np.asarray(valid)]]
+  got = [tuple(np.asarray(v).tolist()) for v in np.asarray(items["feat"])[np.asarray(valid)]]
   assert int(extra["bank"].count) == 5
   # Oldest first: step 0 lost its first NROI, then both of step 1, both of step 2.
   assert got[0] in pushed[0] and set(got[1:3]) == pushed[1] and set(got[3:5]) == pushed[2]
+
+
+def test_bank_fill_and_age_of_draws():
+  # 2 NROIs per step (as above) into a bank of 5 at steps 0, 10, 20. Contents after each
+  # push (push steps): {0, 0}, {0, 0, 10, 10}, {0, 10, 10, 20, 20} (one step-0 NROI
+  # overwritten). Uniform draws -> expected mean age = mean over the filled slots.
+  _, s = _settings(proj_dim=3, bank_size=5, num_clusters=4, proto_topk_div=6,
+                   num_bank_negatives=4000)
+  cams = [[1.0, 0.0], [0.3, 0.0], [0.0, 1.0], [0.0, 0.2], [0.0, 0.0], [0.0, 0.0]]
+  extra = _extra(s)
+  want = [(2 / 5, 0.0), (4 / 5, (10 + 10 + 0 + 0) / 4), (1.0, (20 + 10 + 10 + 0 + 0) / 5)]
+  for t, (fill, age) in enumerate(want):
+    out = _hand_outputs([t + 1.0, 0.0, 0.0], cams)
+    out["proj_bg"] = out["proj_bg"].at[0, 0, 5].set(jnp.array([0.0, t + 1.0, 0.0]))
+    _, metrics, extra = jax.jit(fbr.fbr_terms, static_argnums=(0, 5))(
+        s, out, jnp.ones((1, 2)), extra, jax.random.key(t), JIT_CTX, 10 * t)
+    assert float(metrics["fbr/bank_fill"]) == pytest.approx(fill)
+    # Ages of 4000 uniform draws: 4-sigma tolerance of the mean (ages span <= 20).
+    assert abs(float(metrics["fbr/bank_age"]) - age) <= 4 * 10 / math.sqrt(4000) + 1e-6
+  np.testing.assert_array_equal(np.sort(np.asarray(extra["bank"].items["step"])),
+                                [0, 10, 10, 20, 20])
+  # Hand-made bank: exact age of given draws; an empty bank reports age 0.
+  bank = memory.FifoBank({"feat": jnp.zeros((8, 2)), "step": jnp.array([3, 5, 5, 7] + [0] * 4)},
+                         jnp.array(4, jnp.int32), jnp.array(4, jnp.int32))
+  stats = fbr.bank_draw_stats(bank, jnp.array([3, 7, 7]), jnp.array(True), jnp.array(9))
+  assert float(stats["fbr/bank_fill"]) == 0.5
+  assert float(stats["fbr/bank_age"]) == pytest.approx((6 + 2 + 2) / 3)
+  empty = fbr.bank_draw_stats(bank._replace(count=jnp.array(0)), jnp.array([0, 0]),
+                              jnp.array(False), jnp.array(9))
+  assert float(empty["fbr/bank_age"]) == 0.0
+
+
+def test_bank_size_from_schedule():
+  # The paper: 8 NROIs x batch 8 x 20,000 steps with a 50k bank.
+  assert fbr.bank_size_for_schedule(20000, 8, 8) == 50000
+  assert fbr.bank_size_for_schedule(200, 8, 8) == round(200 * 64 * 50000 / 1280000) == 500
+  assert fbr.bank_size_for_schedule(1, 8, 8) == 64          # at least one step's NROIs
+  cfg, s = _settings(bank_frac=0.1)
+  assert s.bank_size == round(0.1 * cfg.train.num_steps * cfg.data.batch_size * 4)
+  with pytest.raises(ValueError, match="bank_frac"):
+    _settings(bank_frac=-1.0)
+
+
+def test_padding_is_never_background():
+  """The hand case with pixel 5 (background, its own NROI) marked as crop padding: it is
+  no seed, pushes no NROI, and leaves L_seg; the GT diagnostics count the rest."""
+  _, s = _settings(proj_dim=3, proto_topk_div=6, num_clusters=4)
+  out = _hand_outputs([0.0, 2.0, 0.0])
+  out["proj_bg"] = out["proj_bg"].at[0, 0, 5].set(jnp.array([5.0, 0.0, 0.0]))
+  valid = jnp.array([[[True] * 5 + [False]]])
+  gt = jnp.array([[[1, 1, 2, 0, 0, 255]]])
+  _, m_all, e_all = _terms(s, out, jnp.ones((1, 2)), _extra(s), jax.random.key(0))
+  losses, metrics, extra = jax.jit(fbr.fbr_terms, static_argnums=(0, 5))(
+      s, out, jnp.ones((1, 2)), _extra(s), jax.random.key(0), JIT_CTX, 0, valid, gt)
+  ratio = lambda v: float(v[0]) / float(v[1])  # (numerator, denominator) metrics
+  # Without `valid`: both background pixels are seeds and push their own NROI.
+  assert int(e_all["bank"].count) == 2 and ratio(m_all["fbr/bg_frac"]) == pytest.approx(2 / 6)
+  assert int(extra["bank"].count) == 1
+  np.testing.assert_allclose(extra["bank"].items["feat"][0], [0.0, 2.0, 0.0])
+  assert ratio(metrics["fbr/bg_frac"]) == pytest.approx(1 / 5)
+  assert float(metrics["fbr/nrois_per_image"]) == 1.0
+  # L_seg over the 5 image pixels: logits 0 (4x, targets 0 / 1 alike: log 2) and 2 (target 1).
+  want_seg = np.mean([math.log(2)] * 4 + [math.log(1 + math.exp(-2))])
+  np.testing.assert_allclose(losses["seg"], want_seg, rtol=1e-6)
+  # Queries are pixels 1 (GT 1) and 3 (GT 0); the one background seed is GT background.
+  assert ratio(metrics["fbr/query_gt_bg"]) == pytest.approx(0.5)
+  assert ratio(metrics["fbr/bg_seed_gt_bg"]) == 1.0
+  np.testing.assert_allclose(metrics["fbr/query_frac"], (2.0, 5.0))
 
 
 # ---------------------------------------------------------------- active sampling
@@ -305,9 +375,9 @@ def test_fbr_losses_hand_case():
     np.testing.assert_allclose(losses["seg"], want_seg, rtol=1e-6)
     assert int(extra["bank"].count) == 1 and float(metrics["fbr/classes"]) == 2
     np.testing.assert_allclose(metrics["fbr/query_frac"][0], 2.0)
-    if code_compat:  # L_sim: mean cos(Z_fg, Z_bg): pixels 0-3 vs (1,1,1), 4-5 vs e1.
+    if code_compat:  # L_sim: mean cos(Z_fg, BN->ReLU Z_bg = e1), not of Z_bg itself.
       third = 1 / math.sqrt(3)
-      want_sim = np.mean([third, 2 * third / math.sqrt(2), third, third, third, third])
+      want_sim = np.mean([0.0, 1 / math.sqrt(2), 0.0, 0.0, third, third])
       np.testing.assert_allclose(losses["sim"], want_sim, rtol=1e-5)
     else:
       assert float(losses["sim"]) == 0.0
@@ -368,14 +438,43 @@ def test_fb_gradient_reaches_fg_projection_only_in_paper_mode(code_compat):
     assert norm(g_fb["proj_fg"]) > 1e-6 and norm(g_fb["backbone"]) > 1e-6
 
 
+def test_fbr_net_bg_bn_activation():
+  """`proj_bg_bn` = ReLU(BN(conv_bg f)): in eval mode with fresh statistics (mean 0, var 1)
+  and a hand-set BN affine (scale 2, bias -0.5) it is ReLU(2 pre / sqrt(1 + eps) - 0.5),
+  where ReLU(pre) = `proj_bg` (pre <= 0 gives 0 either way)."""
+  model = FBRNet(TinyBackbone(), 5, proj_dim=8, bg_dropout=0.0)
+  image = make_batches(1, batch=2)[0]["image"]
+  variables = model.init(jax.random.key(0), image, train=False)
+  # The BN's affine leaves ('scale', 'bias', wherever Norm nests them): 2 and -0.5.
+  affine = lambda path, v: (jnp.full_like(v, 2.0) if "scale" in jax.tree_util.keystr(path)
+                            else jnp.full_like(v, -0.5))
+  params = {**variables["params"],
+            "bg_norm": jax.tree_util.tree_map_with_path(affine, variables["params"]["bg_norm"])}
+  out = model.apply({**variables, "params": params}, image, train=False)
+  eps = 1e-5
+  want = np.maximum(2 * np.asarray(out["proj_bg"]) / np.sqrt(1 + eps) - 0.5, 0.0)
+  np.testing.assert_allclose(out["proj_bg_bn"], want, rtol=1e-4, atol=1e-5)
+  assert float(jnp.mean(out["proj_bg_bn"] > 0)) > 0.05                 # not vacuous
+  assert not np.allclose(out["proj_bg_bn"], out["proj_bg"], atol=1e-3)
+
+
 @pytest.mark.parametrize("mode", [{}, {"code_compat": True, "proto_ema": 0.5}])
 def test_fbr_step_sharded_equals_unsharded(mode):
   cfg, s = _settings(**mode)
   method = fbr.make_fbr_method(cfg, 5, model=FBRNet(TinyBackbone(), 5, proj_dim=s.proj_dim,
                                                     bg_dropout=0.0))
   batches = make_batches(3)
+  rng = np.random.default_rng(0)
+  for bt in batches:  # Crop padding of unequal size per device, and ground-truth masks.
+    valid = np.ones(bt["image"].shape[:3], bool)
+    for i, cols in enumerate(rng.integers(0, 12, len(valid))):
+      valid[i, :, 16 - cols:] = False
+    bt["image"][~valid] = 0.0
+    bt["valid"] = valid
+    bt["mask"] = np.where(valid, rng.integers(0, 5, valid.shape), 255).astype(np.int32)
   ref, ref_hist = run_steps(method, cfg, 1, "jit", batches)
   got, hist = run_steps(method, _settings(**mode)[0], 8, "shard_map", batches)
+  assert 0 < float(ref_hist[-1]["fbr/query_gt_bg"]) < 1
   assert max_abs_diff(got.params, ref.params) < 2e-6
   assert max_abs_diff(got.extra, ref.extra) < 1e-5
   assert int(ref.extra["bank"].count) > 0 and float(ref_hist[-1]["loss_if"]) > 0

@@ -52,13 +52,15 @@ def test_train_batches_shapes_and_dtypes():
   cfg = _data_config()
   src = ListSource(20)
   batch = next(iter(pl.train_dataset(src, cfg, seed=0, process_index=0, process_count=1)))
-  assert set(batch) == {"image", "mask", "labels"}
+  assert set(batch) == {"image", "mask", "valid", "labels"}
+  assert batch["valid"].shape == (8, 24, 24) and batch["valid"].dtype == bool
   assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.float32
   assert batch["mask"].shape == (8, 24, 24) and batch["mask"].dtype == np.int32
   assert batch["labels"].shape == (8, NUM_CLASSES - 1)
   assert batch["labels"].dtype == np.float32
   pad = batch["mask"] == 255  # synthetic masks hold 0..5, so 255 is padding
   assert pad.any() and (batch["image"][pad] == 0).all()
+  np.testing.assert_array_equal(batch["valid"], ~pad)
 
 
 def test_train_shards_are_disjoint_and_cover_each_epoch():

@@ -81,12 +81,13 @@ def test_train_transform_shapes_and_padding():
   ex["index"] = 7
   out = T.TrainTransform(64, (1.0, 1.0), flip=True, color_jitter=0.3).random_map(
       ex, np.random.default_rng(0))
-  assert set(out) == {"image", "mask", "labels", "index"}
+  assert set(out) == {"image", "mask", "valid", "labels", "index"}
   assert out["image"].shape == (64, 64, 3) and out["image"].dtype == np.float32
   assert out["mask"].shape == (64, 64) and out["mask"].dtype == np.int32
   assert out["labels"].dtype == np.float32 and out["index"] == 7
   pad = out["mask"] == 255
   assert pad.sum() == 64 * 64 - 40 * 50
+  np.testing.assert_array_equal(out["valid"], ~pad)
   assert (out["image"][pad] == 0.0).all()          # exactly 0 after normalisation
   assert (np.abs(out["image"][~pad]).sum(-1) > 0).mean() > 0.99
   assert out["image"].min() >= T.normalize(np.zeros(3, np.uint8)).min() - 1e-6
@@ -167,6 +168,34 @@ def test_fused_transform_equals_op_by_op_composition():
     # PIL's windowed resize rounds differently by <= 2 grey levels (~0.035 normalised).
     np.testing.assert_allclose(a["image"], b["image"], atol=0.04)
     assert (b["image"][b["mask"] == 255] == 0).all()
+
+
+def test_train_valid_marks_where_the_image_lies():
+  """`valid` against a NumPy reference: a record whose mask is 1 everywhere shows where
+  the (rescaled, cropped, flipped) image lies as `mask != 255`; a second record with the
+  same geometry but 255 inside the image shows `valid` is not `mask != 255`."""
+  rng = np.random.default_rng(11)
+  padded = 0
+  for trial in range(30):
+    h, w = rng.integers(10, 90, 2)
+    ex = random_record(rng, h, w)
+    ones = {**ex, "mask": np.ones((h, w), np.uint8)}
+    kw = dict(crop_size=48, scale_range=(0.5, 1.5), flip=True, color_jitter=0.4)
+    ref = T.TrainTransform(**kw).random_map(ones, np.random.default_rng(trial))["mask"] != 255
+    holes = {**ex, "mask": np.full((h, w), 255, np.uint8)}
+    out = T.TrainTransform(**kw).random_map(holes, np.random.default_rng(trial))
+    assert out["valid"].dtype == bool and out["valid"].shape == (48, 48)
+    np.testing.assert_array_equal(out["valid"], ref)
+    assert (out["mask"] == 255).all()
+    # The image region is one axis-aligned rectangle; padding is exactly 0.
+    rows, cols = ref.any(axis=1), ref.any(axis=0)
+    np.testing.assert_array_equal(ref, rows[:, None] & cols[None, :])
+    assert (out["image"][~out["valid"]] == 0.0).all()
+    # The op-by-op composition marks the same pixels.
+    b = augment_ops.unfused_train_ops(**kw).random_map(ex, np.random.default_rng(trial))
+    np.testing.assert_array_equal(b["valid"], out["valid"])
+    padded += int((~ref).any())
+  assert padded >= 10  # the draws exercise padding
 
 
 def test_color_jitter_matches_sequential_ops():

@@ -31,4 +31,10 @@ def get_config(arg: str | None = None):
   c.fbr = fbr.fbr_config()
   c.fbr.code_compat = arg.code_compat
   # Bank: 50k NROIs (VOC, the fbr_config default); use --config.fbr.bank_size=200000 on COCO.
+  if arg.runlocal:
+    # The paper's bank holds ~3.9 % of its training's NROIs (50k of 20,000 steps x 64); the
+    # 50k default would never fill in the protocol's few method steps, so every draw would
+    # stay uniform over all NROIs since step 0. Sized from train.num_steps x batch x K at
+    # method build (follows --config.train.num_steps overrides): 500 NROIs for 200 x 8 x 8.
+    c.fbr.bank_frac = fbr.PAPER_BANK_FRAC
   return c

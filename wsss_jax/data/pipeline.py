@@ -211,7 +211,8 @@ def train_dataset(source, data_cfg, *, seed: int, process_index: int | None = No
   Returns:
     IterDataset of dicts with b = `data_cfg.batch_size // process_count`:
     `image` float32 `[b, S, S, 3]`, `mask` int32 `[b, S, S]` (255 = ignore / padding),
-    `labels` float32 `[b, C-1]` (+ `index` int32 `[b]`). Per-epoch reshuffle (module
+    `valid` bool `[b, S, S]` (True on image pixels, False on crop padding), `labels`
+    float32 `[b, C-1]` (+ `index` int32 `[b]`). Per-epoch reshuffle (module
     docstring). `iter(ds)` gives an iterator with `get_state()`/`set_state()`.
   """
   pidx, pcount = _process_info(process_index, process_count)

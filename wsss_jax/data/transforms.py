@@ -303,8 +303,11 @@ class TrainTransform(grain.transforms.RandomMap):
   """Random rescale, crop/pad, flip, colour jitter and normalisation of one record.
 
   Output: `{'image': float32 [S, S, 3] (normalised, 0 in padding), 'mask': int32 [S, S]
-  (255 in padding), 'labels': float32 [C-1]}` plus `'index': int32` when the input has
-  it. The id is dropped (strings do not batch onto devices).
+  (255 in padding), 'valid': bool [S, S] (True on image pixels, False on padding),
+  'labels': float32 [C-1]}` plus `'index': int32` when the input has it. The id is
+  dropped (strings do not batch onto devices). `valid` is separate from `mask != 255`
+  because ground-truth masks also hold 255 on image pixels (VOC boundaries), and methods
+  that read "background" from CAMs must not count the zero padding as background.
 
   Attributes:
     crop_size: S.
@@ -368,7 +371,9 @@ class TrainTransform(grain.transforms.RandomMap):
     ys, xs = slice(wy.dst, wy.dst + wy.size), slice(dx, dx + wx.size)
     out_img[ys, xs] = _jitter_normalize(img, jitter)
     out_msk[ys, xs] = msk
-    out = {"image": out_img, "mask": out_msk, **_passthrough(ex)}
+    valid = np.zeros((s, s), bool)
+    valid[ys, xs] = True
+    out = {"image": out_img, "mask": out_msk, "valid": valid, **_passthrough(ex)}
     for key, value in extras.items():
       out[key] = np.zeros((s, s), np.int32)
       out[key][ys, xs] = value

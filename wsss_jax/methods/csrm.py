@@ -181,9 +181,11 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
                                 s.warmup_epochs)
   ls, nq, nn_, ac = s.label_smoothing, s.num_queries, s.num_negatives, s.align_corners
   images, labels = batch["image"], batch["labels"].astype(jnp.float32)
+  valid = batch.get("valid")  # crop padding (False) is never background (issue 29)
   if s.unlabeled == "duplicate":  # every image once as L and once as U, interleaved
     images = jnp.repeat(images, 2, axis=0)
     labels = jnp.repeat(labels, 2, axis=0)
+    valid = None if valid is None else jnp.repeat(valid, 2, axis=0)
   nb = images.shape[0]
   if nb % 2:
     raise ValueError(f"config.data.batch_size: CSRM's L/U split needs an even batch per "
@@ -210,6 +212,9 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
   labels_premix = labels
   # 3. ClassMix on the global batch (shared key), then back to this device's rows.
   extras = {"s_t": s_t}
+  if valid is not None:  # padding: no CAM label; ClassMix moves `valid` with the pixels
+    y_cam = jnp.where(valid, y_cam, IGNORE_INDEX)
+    extras["valid"] = valid
   if s.teacher_pass2 == "none":
     extras.update(s_t4=t1["seg_logits"], r_t=t1["rep"])
   g = ctx.all_gather_invariant((images, y_cam, labels, extras))
@@ -217,13 +222,15 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
       k_mix, *g, num_classes=c, prob=float(s.classmix_prob))
   images, y_cam, labels, extras = jax.tree.map(lambda x: ctx.local_rows(x, nb),
                                                (g_img, g_y, g_lab, g_ext))
-  s_t = extras["s_t"]
+  s_t, valid = extras["s_t"], extras.get("valid")
 
   # 4. Label-masked teacher probabilities.
   mask_labels = labels if s.unlabeled_use_labels else jnp.where(
       is_u[:, None], 1.0, labels)
   p_t = L.label_masked_probs(s_t, mask_labels)
   yhat_t = jnp.argmax(p_t, axis=-1).astype(jnp.int32)
+  if valid is not None:  # no teacher target (L_u, L_contra) on padding
+    yhat_t = jnp.where(valid, yhat_t, IGNORE_INDEX)
 
   # 5. Student.
   s_out, new_bs = ctx.apply(params, batch_stats, images, train=True,
@@ -246,6 +253,8 @@ def loss(s: CSRMSettings, params: Any, batch_stats: Any, extra: Any,
   l_c2s = gmean(L.ce_sum_count(s_s, L.c2s_targets(y_cam, ~is_u), ls))
   z, y_s2c = L.s2c_logits_targets(s_s, s_out["class_cams"], p_t,
                                   float(s.s2c_threshold), ac)
+  if valid is not None:
+    y_s2c = jnp.where(valid, y_s2c, IGNORE_INDEX)
   l_s2c = gmean(L.ce_sum_count(z, y_s2c, ls))
 
   # 7b. L_u: U images, the keep_percent % lowest-entropy pixels of the global batch.

@@ -13,7 +13,8 @@ Per train step (METHODS.md §3.2; the paper's semantics unless `code_compat`):
 5. NROIs: per-image k-means (K = 8, k-means++ seeding, `kmeans_iters` Lloyd iterations) on
    the background pixels (Y^ = 0) of detached Z_bg, gathered over devices and pushed into a
    FIFO bank (50k); empty clusters are not pushed, so an image with fewer than 8 background
-   pixels pushes its pixels themselves.
+   pixels pushes its pixels themselves. Each NROI is stored with the step that pushed it,
+   so the step logs the bank's fill and the mean age of the NROIs it draws.
 6. L_FB (Eq. 7): InfoNCE of each query against its prototype (positive) and 256 NROIs drawn
    uniformly from the bank (after this step's push), cosine / tau_FB.
 7. Active sampling (Eq. 8) + L_IF (Eq. 9): per query, 256 negatives: a class c' ~ softmax
@@ -27,8 +28,9 @@ the released code and ReCo); gradients reach the queries, i.e. Z_fg and the back
 
 `code_compat=True` reproduces the released PPC-variant code (METHODS.md §3.3, §3.7): L_FB
 anchors are detached (no gradient), lambda_FB / lambda_IF = 0.01 / 0.1, tau_FB = tau_IF = 0.5,
-lambda_seg = 0.1, the cosine decorrelation L_sim between Z_fg and Z_bg with weight 0.1, and
-the percentile/entropy "unsure" queries (`query_rule='unsure'`, rate 0.1: not in the top
+lambda_seg = 0.1, the cosine decorrelation L_sim (weight 0.1) between Z_fg and the BG
+branch's BN -> ReLU activation (`proj_bg_bn`, as the released code), and the
+percentile/entropy "unsure" queries (`query_rule='unsure'`, rate 0.1: not in the top
 40 % of their class's CAM values in the image and above the image's 10 % entropy quantile).
 Not reproduced: the wrong-axis cosine of L_FB (with detached anchors it has no gradient, so
 it would only change the logged value), PPC/EPS/SEAM's own losses and the second view.
@@ -51,7 +53,9 @@ from wsss_jax.methods import base
 from wsss_jax.methods import cam
 from wsss_jax.ops import losses
 from wsss_jax.ops import fbr_losses as F
+from wsss_jax.ops import IGNORE_INDEX
 from wsss_jax.ops import memory
+from wsss_jax.ops import resize
 from wsss_jax.ops import prototypes as proto_ops
 from wsss_jax.ops.norms import l2_normalize
 
@@ -70,6 +74,7 @@ class FBRSettings:
   num_clusters: int = 8
   kmeans_iters: int = 10
   bank_size: int = 50000
+  bank_frac: float = 0.0
   num_bank_negatives: int = 256
   num_fg_negatives: int = 256
   query_threshold: float = 0.4
@@ -99,6 +104,8 @@ def fbr_config() -> dict[str, Any]:
       num_clusters=8,           # NROIs per image (k-means K)
       kmeans_iters=10,          # Lloyd iterations after k-means++ seeding
       bank_size=50000,          # FIFO NROI bank capacity (VOC; COCO 200k)
+      bank_frac=0.0,            # > 0: capacity = this share of the training's NROIs
+                                # (`bank_size_for_schedule`), overriding bank_size
       num_bank_negatives=256,   # NROIs drawn from the bank per step (shared by queries)
       num_fg_negatives=256,     # active FG negatives per query
       query_threshold=0.4,      # tau_q: queries are pixels of c with M_c < this
@@ -113,8 +120,35 @@ def fbr_config() -> dict[str, Any]:
       tau_fb=-1.0, tau_if=-1.0)
 
 
+# The paper's bank relative to its schedule: 50k NROIs = 8 NROIs x batch 8 x ~781 steps of
+# 20,000 on VOC (METHODS.md §3.4), i.e. the bank holds about 3.9 % of the training's NROIs.
+PAPER_BANK_FRAC = 50000 / (8 * 8 * 20000)
+
+
+def bank_size_for_schedule(num_steps: int, batch_size: int, num_clusters: int,
+                           frac: float = PAPER_BANK_FRAC) -> int:
+  """Bank capacity holding `frac` of the NROIs a training pushes at most.
+
+  Args:
+    num_steps: train steps of the method.
+    batch_size: global batch size (images per step).
+    num_clusters: NROIs per image (k-means K).
+    frac: share of all pushed NROIs the bank holds (the paper's ~3.9 % by default).
+
+  Returns:
+    max(num_clusters * batch_size, round(frac * num_steps * batch_size * num_clusters)):
+    at least one step's NROIs, so a step never overwrites its own push.
+  """
+  per_step = int(batch_size) * int(num_clusters)
+  return max(per_step, int(round(float(frac) * int(num_steps) * per_step)))
+
+
 def settings_from_config(config: Any) -> FBRSettings:
   """Resolves and validates `config.fbr` (missing keys take `fbr_config` defaults).
+
+  With `fbr.bank_frac > 0` the bank size comes from `config.train.num_steps` and
+  `config.data.batch_size` (`bank_size_for_schedule`), so it follows command-line
+  overrides of the schedule.
 
   Raises:
     ValueError: naming the offending `fbr.<key>`.
@@ -144,30 +178,65 @@ def settings_from_config(config: Any) -> FBRSettings:
     raise ValueError(f"fbr.proto_ema must be in [0, 1), got {raw['proto_ema']}")
   if not 0.0 <= float(raw["bg_dropout"]) < 1.0:
     raise ValueError(f"fbr.bg_dropout must be in [0, 1), got {raw['bg_dropout']}")
+  if float(raw["bank_frac"]) < 0:
+    raise ValueError(f"fbr.bank_frac must be >= 0, got {raw['bank_frac']}")
+  if float(raw["bank_frac"]) > 0:
+    raw["bank_size"] = bank_size_for_schedule(
+        int(config.train.num_steps), int(config.data.batch_size), int(raw["num_clusters"]),
+        float(raw["bank_frac"]))
   types = {f.name: f.type for f in dataclasses.fields(FBRSettings)}
   cast = {"bool": bool, "int": int, "float": float, "str": str}
   return FBRSettings(**{k: cast[types[k]](v) for k, v in raw.items()})
 
 
+def init_bank(s: FBRSettings) -> memory.FifoBank:
+  """The empty NROI bank: items {'feat' [Q, D] float32, 'step' [Q] int32 (push step)}."""
+  return memory.fifo_init(s.bank_size, {"feat": jnp.zeros((s.proj_dim,), jnp.float32),
+                                        "step": jnp.zeros((), jnp.int32)})
+
+
+def bank_draw_stats(bank: memory.FifoBank, drawn_steps: jax.Array, ok: jax.Array,
+                    step: jax.Array) -> dict[str, jax.Array]:
+  """Turnover metrics of the bank: fill (count / Q) and the mean age in steps
+  (`step` - push step) of the drawn NROIs (0 when the bank is empty)."""
+  age = jnp.mean((step - drawn_steps).astype(jnp.float32))
+  return {"fbr/bank_fill": bank.count.astype(jnp.float32) / memory.capacity(bank),
+          "fbr/bank_age": jnp.where(ok, age, 0.0)}
+
+
 def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extra: Any,
-              key: jax.Array, ctx: base.StepContext) -> tuple[dict, dict, dict]:
+              key: jax.Array, ctx: base.StepContext, step: jax.Array | int = 0,
+              valid: jax.Array | None = None, gt: jax.Array | None = None
+              ) -> tuple[dict, dict, dict]:
   """The FBR losses of one step from the model outputs.
 
   Args:
     s: settings.
-    out: model outputs (`cams`, `proj_fg`, `proj_bg`, `bg_logit`), this device's batch.
+    out: model outputs (`cams`, `proj_fg`, `proj_bg`, `bg_logit`; `proj_bg_bn` when
+      lambda_sim > 0), this device's batch.
     labels: [B, K] multi-hot.
     extra: `{'bank': FifoBank, 'protos': [K, D], 'proto_valid': [K]}`.
     key: a PRNG key identical on every device.
     ctx: step context (collectives).
+    step: the train step (stamps the pushed NROIs; their age at draw time is logged).
+    valid: [B, h, w] bool, feature pixels on the image (False on crop padding) or None
+      (all). Padding is never a seed of any class (so never background: no NROI, no BG
+      positive), never a query, prototype pixel or negative, and leaves L_seg and L_sim.
+    gt: [B, h, w] int ground-truth labels (255 = unknown) or None; only for the
+      diagnostics `fbr/query_gt_bg` (share of queries that are ground-truth background)
+      and `fbr/bg_seed_gt_bg` (share of background seeds that are).
 
   Returns:
     (losses {fb, if, seg, sim} float32 scalars (global values), metrics, new extra).
   """
   b, h, w, k = out["cams"].shape
   n, hw = b * h * w, h * w
+  ok_px = (jnp.ones((n,), bool) if valid is None else valid.reshape(n).astype(bool))
+  # M = 0 on padding: no class there, no prototype weight, no query.
   m = jax.lax.stop_gradient(F.seed_cams(out["cams"], labels)).reshape(n, k)
-  seeds = F.seed_labels(m, s.seed_bg_threshold)                         # [n]
+  m = m * ok_px[:, None].astype(m.dtype)
+  # Padding gets label -1 (neither background nor a class): pool, NROIs and queries skip it.
+  seeds = jnp.where(ok_px, F.seed_labels(m, s.seed_bg_threshold), -1)     # [n]
   z_fg = out["proj_fg"].reshape(n, -1)
   d = z_fg.shape[-1]
   q = l2_normalize(z_fg)                                              # anchors (grad)
@@ -193,21 +262,26 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   if s.proto_ema > 0:
     protos, p_valid = proto_ops.prototype_ema(extra["protos"], extra["proto_valid"],
                                               protos, p_valid, s.proto_ema)
-  pool_cls = g["seeds"] - 1                                             # -1 = background
+  pool_cls = jnp.maximum(g["seeds"] - 1, -1)                 # -1 = background / padding
   has_pixels = jnp.sum(jax.nn.one_hot(pool_cls, k, dtype=jnp.int32), axis=0) > 0
   c_ok = p_valid & has_pixels
   p = l2_normalize(protos)
   qc = jnp.maximum(seeds - 1, 0)
+  seeds0 = jnp.maximum(seeds, 0)  # the query rules' 0..K labels (padding has M = 0 anyway)
   if s.query_rule == "unsure":
-    is_q = F.unsure_query_mask(m.reshape(b, hw, k), seeds.reshape(b, hw),
+    is_q = F.unsure_query_mask(m.reshape(b, hw, k), seeds0.reshape(b, hw),
                                bg_score=s.seed_bg_threshold).reshape(n)
   else:
-    is_q = F.query_mask(m, seeds, s.query_threshold)
-  is_q = is_q & c_ok[qc]
+    is_q = F.query_mask(m, seeds0, s.query_threshold)
+  is_q = is_q & c_ok[qc] & ok_px
 
   # L_FB (Eq. 7) against NROIs of the bank after this step's push.
-  bank = memory.fifo_enqueue(extra["bank"], centers.reshape(-1, d), c_valid.reshape(-1))
-  negs, ok = memory.fifo_sample(bank, k_bank, s.num_bank_negatives)
+  step = jnp.asarray(step, jnp.int32)
+  bank = memory.fifo_enqueue(
+      extra["bank"], {"feat": centers.reshape(-1, d),
+                      "step": jnp.full(c_valid.size, step, jnp.int32)}, c_valid.reshape(-1))
+  drawn, ok = memory.fifo_sample(bank, k_bank, s.num_bank_negatives)
+  negs = drawn["feat"]
   a_fb = jax.lax.stop_gradient(q) if s.code_compat else q
   pos_fb = jnp.sum(a_fb * p[qc], axis=-1) / s.tau_fb
   neg_fb = a_fb @ l2_normalize(negs).T / s.tau_fb
@@ -228,18 +302,28 @@ def fbr_terms(s: FBRSettings, out: dict[str, jax.Array], labels: jax.Array, extr
   l_if = F.info_nce_from_logits(pos_if, neg_if, ok_if)
   if_sum, if_cnt = ctx.psum(F.class_sums(l_if, qc, is_q & jnp.any(ok_if, axis=-1), k))
 
+  # Global means over the valid pixels (sums across devices, as the contrastive terms).
+  global_mean = lambda sc: (lambda t, c: t / jnp.maximum(c, 1.0))(*ctx.psum(sc))
+  seg_sc = F.bg_seg_sums(out["bg_logit"].reshape(n), F.bg_seg_targets(
+      m, s.bg_label_threshold), ok_px)
   losses = {"fb": F.mean_of_class_means(fb_sum, fb_cnt),
             "if": F.mean_of_class_means(if_sum, if_cnt),
-            "seg": F.bg_seg_loss(out["bg_logit"], F.bg_seg_targets(
-                m.reshape(b, h, w, k), s.bg_label_threshold)),
-            "sim": (F.decorrelation_loss(out["proj_fg"], out["proj_bg"])
+            "seg": global_mean(seg_sc),
+            "sim": (global_mean(F.decorrelation_sums(
+                out["proj_fg"].reshape(n, d), out["proj_bg_bn"].reshape(n, d), ok_px))
                     if s.lambda_sim > 0 else jnp.zeros((), jnp.float32))}
   f32 = lambda x: jnp.sum(x.astype(jnp.float32))
-  metrics = {"fbr/query_frac": (f32(is_q), float(n)),
-             "fbr/bg_frac": (f32(seeds == 0), float(n)),
+  n_ok = f32(ok_px)
+  metrics = {"fbr/query_frac": (f32(is_q), n_ok),
+             "fbr/bg_frac": (f32(seeds == 0), n_ok),
              "fbr/nrois_per_image": f32(c_valid) / b_global,
              "fbr/classes": jnp.sum(c_ok.astype(jnp.float32)),
-             "fbr/bank_fill": bank.count.astype(jnp.float32) / memory.capacity(bank)}
+             **bank_draw_stats(bank, drawn["step"], ok, step)}
+  if gt is not None:  # Diagnostics only: labels never enter a loss.
+    gt = gt.reshape(n)
+    known = gt != IGNORE_INDEX
+    metrics["fbr/query_gt_bg"] = (f32(is_q & (gt == 0)), f32(is_q & known))
+    metrics["fbr/bg_seed_gt_bg"] = (f32((seeds == 0) & (gt == 0)), f32((seeds == 0) & known))
   new_extra = {"bank": bank, "protos": protos, "proto_valid": p_valid}
   return losses, metrics, new_extra
 
@@ -253,7 +337,7 @@ def make_fbr_method(config: Any, num_classes: int, *,
       `config.fbr` (`fbr_config`), `config.seed`.
     num_classes: C, background included.
     model: override (tests); must return `logits`, `cams`, `proj_fg`, `proj_bg`,
-      `bg_logit`. Default: `models.fbr_net.FBRNet` on `build_backbone(config.model)`.
+      `bg_logit` (and `proj_bg_bn` with L_sim on). Default: `models.fbr_net.FBRNet` on `build_backbone(config.model)`.
 
   Returns:
     The Method; extra state = NROI bank + running prototypes.
@@ -276,7 +360,7 @@ def make_fbr_method(config: Any, num_classes: int, *,
 
   def init_extra(rng, variables):
     del rng, variables
-    return {"bank": memory.fifo_init(s.bank_size, jnp.zeros((s.proj_dim,), jnp.float32)),
+    return {"bank": init_bank(s),
             "protos": jnp.zeros((k, s.proj_dim), jnp.float32),
             "proto_valid": jnp.zeros((k,), bool)}
 
@@ -285,8 +369,14 @@ def make_fbr_method(config: Any, num_classes: int, *,
     out, new_bs = ctx.apply(params, batch_stats, batch["image"], **kw)
     logits, labels = out["logits"], batch["labels"]
     l_cls = jnp.mean(losses.multilabel_soft_margin_loss(logits, labels))
+    size = out["cams"].shape[1:3]
+    # A feature pixel is on the image when the crop pixel at its centre is (half-pixel
+    # nearest); batches without `valid` (tests, benchmarks) have no padding.
+    valid = (resize.resize_nearest(batch["valid"], size) if "valid" in batch else None)
+    gt = resize.resize_nearest(batch["mask"], size) if "mask" in batch else None
     terms, fbr_metrics, new_extra = fbr_terms(s, out, labels, extra,
-                                              jax.random.fold_in(seed_key, step), ctx)
+                                              jax.random.fold_in(seed_key, step), ctx,
+                                              step=step, valid=valid, gt=gt)
     value = (l_cls + s.lambda_fb * terms["fb"] + s.lambda_if * terms["if"]
              + s.lambda_seg * terms["seg"] + s.lambda_sim * terms["sim"])
     metrics = {**cam.cam_metrics(logits, labels), **fbr_metrics, "loss_cls": l_cls,

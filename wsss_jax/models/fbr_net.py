@@ -4,11 +4,14 @@
   logits, cams = CAMHead(f)  (GAP or TAP pooling)           [B, C-1], [B, h, w, C-1]
   Z_fg = ReLU(conv1x1_fg(f))                                [B, h, w, D]   (D = 128)
   Z_bg = ReLU(conv1x1_bg(f))                                [B, h, w, D]
-  bg_logit = conv1x1(Dropout(ReLU(BN(conv1x1_bg(f)))))      [B, h, w]
+  Z_bg' = ReLU(BN(conv1x1_bg(f)))                           [B, h, w, D]   (L_sim's BG side)
+  bg_logit = conv1x1(Dropout(Z_bg'))                        [B, h, w]
 
 The projections are 1x1 convolutions without bias followed by ReLU (paper: "a
 convolutional layer followed by ReLU"); the BG predictor follows the released PPC-variant
-code (BN -> ReLU -> Dropout 0.5 -> 1x1 conv on the pre-ReLU BG projection). Parameters:
+code (BN -> ReLU -> Dropout 0.5 -> 1x1 conv on the pre-ReLU BG projection), and the
+released code's L_sim (`code_compat`) compares Z_fg with that BN -> ReLU activation Z_bg'
+(METHODS.md §3.1), not with Z_bg, which feeds the NROIs. Parameters:
 `backbone` (pretrained), `cam_head`, `proj_fg`, `proj_bg`, `bg_norm`, `bg_classifier`
 (scratch "head" group), so the shared stages and optimizer groups work unchanged; at
 inference only `logits` and `cams` are used.
@@ -40,7 +43,7 @@ class FBRNet(nn.Module):
       'dropout' rng).
 
   Call: (images [B, H, W, 3], train) -> {'logits', 'cams', 'features', 'proj_fg',
-  'proj_bg' [B, h, w, D], 'bg_logit' [B, h, w]} (float32).
+  'proj_bg', 'proj_bg_bn' [B, h, w, D], 'bg_logit' [B, h, w]} (float32).
   """
   backbone: nn.Module
   num_classes: int
@@ -60,10 +63,11 @@ class FBRNet(nn.Module):
                                 kernel_init=_HEAD_INIT, name=name)
     z_fg = nn.relu(conv("proj_fg")(feats))
     z_bg_pre = conv("proj_bg")(feats)
-    h = nn.relu(Norm(self.norm, dtype=self.dtype, name="bg_norm")(z_bg_pre, train))
-    h = nn.Dropout(self.bg_dropout, deterministic=not train)(h)
+    z_bg_bn = nn.relu(Norm(self.norm, dtype=self.dtype, name="bg_norm")(z_bg_pre, train))
+    h = nn.Dropout(self.bg_dropout, deterministic=not train)(z_bg_bn)
     bg_logit = nn.Conv(1, (1, 1), dtype=self.dtype, name="bg_classifier")(h)[..., 0]
     return {**out, "features": feats.astype(jnp.float32),
             "proj_fg": z_fg.astype(jnp.float32),
             "proj_bg": nn.relu(z_bg_pre).astype(jnp.float32),
+            "proj_bg_bn": z_bg_bn.astype(jnp.float32),
             "bg_logit": bg_logit.astype(jnp.float32)}

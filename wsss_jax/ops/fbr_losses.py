@@ -107,16 +107,48 @@ def bg_seg_targets(norm_cams: jax.Array, threshold: float = 0.05) -> jax.Array:
   return (jnp.sum(norm_cams, axis=-1) < threshold).astype(jnp.float32)
 
 
-def bg_seg_loss(bg_logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean binary cross-entropy with logits over all pixels (Eq. 6). Scalar float32."""
+def bg_seg_sums(bg_logits: jax.Array, targets: jax.Array,
+                valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(sum, count) of the binary cross-entropy with logits over the valid pixels (Eq. 6).
+
+  Args:
+    bg_logits: [...] BG predictor logits.
+    targets: [...] float32 BG pseudo-labels (`bg_seg_targets`).
+    valid: [...] bool, pixels that enter the loss (False on crop padding); None = all.
+
+  Returns:
+    float32 scalars; sum them across devices, then divide (a global mean).
+  """
   z = bg_logits.astype(jnp.float32)
   bce = targets * jax.nn.softplus(-z) + (1.0 - targets) * jax.nn.softplus(z)
-  return jnp.mean(bce)
+  w = jnp.ones_like(bce) if valid is None else valid.astype(jnp.float32)
+  return jnp.sum(bce * w), jnp.sum(w)
+
+
+def bg_seg_loss(bg_logits: jax.Array, targets: jax.Array,
+                valid: jax.Array | None = None) -> jax.Array:
+  """Mean binary cross-entropy with logits over the (valid) pixels (Eq. 6). Scalar f32."""
+  total, count = bg_seg_sums(bg_logits, targets, valid)
+  return total / jnp.maximum(count, 1.0)
+
+
+def decorrelation_sums(z_fg: jax.Array, z_bg: jax.Array,
+                       valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Released-code L_sim as (sum, count) of cos(z_fg(i), z_bg(i)) over the valid pixels.
+
+  Args:
+    z_fg, z_bg: [..., D] (the code: ReLU(proj_fg) and BN -> ReLU(proj_bg)).
+    valid: [...] bool or None (all pixels).
+  """
+  cos = jnp.sum(l2_normalize(z_fg) * l2_normalize(z_bg), axis=-1)
+  w = jnp.ones_like(cos) if valid is None else valid.astype(jnp.float32)
+  return jnp.sum(cos * w), jnp.sum(w)
 
 
 def decorrelation_loss(z_fg: jax.Array, z_bg: jax.Array) -> jax.Array:
   """Released-code L_sim: mean over pixels of cos(z_fg(i), z_bg(i)) ([..., D] each)."""
-  return jnp.mean(jnp.sum(l2_normalize(z_fg) * l2_normalize(z_bg), axis=-1))
+  total, count = decorrelation_sums(z_fg, z_bg)
+  return total / jnp.maximum(count, 1.0)
 
 
 def info_nce_from_logits(pos: jax.Array, neg: jax.Array,

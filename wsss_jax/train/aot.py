@@ -103,6 +103,7 @@ def abstract_batch(config: mlc.ConfigDict, mesh: Mesh, batch: int, num_classes: 
   s = int(config.data.crop_size)
   sharding = mesh_lib.batch_sharding(mesh)
   out = {"image": ((batch, s, s, 3), jnp.float32), "mask": ((batch, s, s), jnp.int32),
+         "valid": ((batch, s, s), jnp.bool_),
          "labels": ((batch, num_classes - 1), jnp.float32)}
   for name in config.data.get("extra_maps", ()) or ():
     out[name] = ((batch, s, s), jnp.int32)
