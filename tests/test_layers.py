@@ -19,7 +19,7 @@ PACKAGE = os.path.join(REPO_ROOT, "wsss_jax")
 # Bottom up. A top-level module is its own entry; `viz` (plots) sits with data: stages
 # draw figures with it and it reads only the palette.
 LAYERS = ("fs", "ops", "models", "methods", "runtime", "data|viz", "train", "stages",
-          "analysis|compare", "bench", "main")
+          "analysis|compare", "bench", "main|predict_cli")
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names.split("|")}
 
 
