@@ -13,7 +13,9 @@ SPML embedding (`workdir/train`):
    CAMs (`workdir/cams`, the image's classes) with a constant background plane at the
    sweep's best threshold (our CAMs' background rule; SEAM's (1-max)^6 does not apply to
    them); for points/scribbles/boxes the SPML classifier's softmax (flip-averaged).
-   Optional DeepLab CRF (`rw_crf`). Argmax -> cam_rw labels.
+   DeepLab CRF on the walked scores before the argmax (`rw_crf`, default on as the
+   reference's pseudo_camrw_crf.py), so step 2 labels its prototypes with the CRF'd
+   labels. Argmax -> cam_rw labels.
 2. Nearest-prototype propagation ("cam_nn", tags only, `propagation='nn'`): per image,
    spherical k-means (`nn_grid`^2 grid init) on the location-augmented embedding; each
    cluster's prototype is labelled with its majority cam_rw label; all training-set
@@ -60,7 +62,8 @@ def default_config() -> mlc.ConfigDict:
       propagation="",            # nn | rw; '' = nn for tags, rw for the other weak labels
       train_labels="pseudo",     # folder of the CAM pseudo-labels SPML trains on (tags)
       flip=True,
-      rw_stride=8, rw_scale=5.0, rw_beta=20.0, rw_logt=6, rw_crf=False,
+      rw_stride=8, rw_scale=5.0, rw_beta=20.0, rw_logt=6,
+      rw_crf=True,               # DeepLab CRF after the walk (reference pseudo_camrw_crf.py)
       max_classes=8,             # classes per image carried through the random walk
       nn_grid=12, nn_iters=10, nn_topk=20, nn_min_norm=0.15, nn_mask_absent=True,
       nn_crf=True, eval_classifier=True))
