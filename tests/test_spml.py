@@ -425,3 +425,26 @@ def test_cpu_configs_walk_one_step_for_tags_only():
                           "runlocal,weak_label=points").spml_labels.rw_logt == 6
   assert load_config_file("configs/synthetic/spml.py",
                           "weak_label=points").spml_labels.rw_logt == 6
+
+
+def test_configs_embed_at_output_stride_8_upsampled_twice():
+  """The reference's embedding: ASPP-L on the stride-8 map, upsampled x2 to stride 4; the
+  baseline (model.output_stride) stays at 16."""
+  from conftest import load_config_file
+  cfg = load_config_file("configs/voc/spml.py", "runlocal")
+  cfg.model.pretrained = False
+  assert int(cfg.model.output_stride) == 16 and spml.output_stride(cfg) == 8
+  assert tuple(cfg.spml.aspp_rates) == (6, 12, 18, 24)
+  model = spml.build_model(cfg, 22)
+  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  out, inter = jax.eval_shape(lambda v: model.apply(
+      v, x, capture_intermediates=lambda mdl, _: mdl.name == "embed_aspp0",
+      mutable=["intermediates"]), variables)
+  assert inter["intermediates"]["embed_aspp0"]["__call__"][0].shape == (1, 8, 8, 64)
+  assert out["embedding"].shape == (1, 16, 16, 64)
+  cfg.spml.output_stride = 0     # the coarse map of before: model.output_stride (16)
+  _, inter16 = jax.eval_shape(lambda v: spml.build_model(cfg, 22).apply(
+      v, x, capture_intermediates=lambda mdl, _: mdl.name == "embed_aspp0",
+      mutable=["intermediates"]), variables)
+  assert inter16["intermediates"]["embed_aspp0"]["__call__"][0].shape == (1, 4, 4, 64)

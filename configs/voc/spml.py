@@ -41,6 +41,7 @@ from wsss_jax.stages import spml_labels  # noqa: E402
 
 TAG_STAGES = "data,baseline,cams,sweep,pseudo,train,spml_labels,spml_bootstrap,seg,evaluate"
 WEAK_STAGES = "data,train,spml_labels,seg,evaluate"
+SPML_OUTPUT_STRIDE = 8   # the embedding's backbone stride (reference: DeepLab OS8)
 
 
 def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
@@ -57,9 +58,11 @@ def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
   c.data.extra_maps = ("superpixels",)   # cropped/flipped with the image (TrainTransform)
   c.spml = spml.default_config()
   c.spml.weights = "code" if code_weights else "paper"
-  # The backbones here run at output stride 16: half the OS8 ASPP-L rates.
-  if int(c.model.output_stride) == 16:
-    c.spml.aspp_rates = (3, 6, 9, 12)
+  # The reference's embedding: output stride 8 (upsampled x2 to stride 4) with the OS8
+  # ASPP-L rates; only SPML's network runs at it (the baseline and its CAMs keep
+  # model.output_stride). `--config.spml.output_stride=16` (with aspp_rates=(3, 6, 9, 12),
+  # half the OS8 rates) is the cheaper coarse map (README "SPML").
+  c.spml.output_stride = SPML_OUTPUT_STRIDE
   c.spml_labels = spml_labels.default_config()
   c.spml_bootstrap = spml_bootstrap.default_config()
   c.seg.pseudo_dir = os.path.join(spml_labels.OUT_DIR, "pseudo")

@@ -2,7 +2,8 @@
 
 Model (`SPMLNet`, §5.1): backbone (params under `backbone`, warm-startable from the CAM
 baseline) -> ASPP-L embedding head (four 3x3 atrous convs summed, `spml.embedding_dim`
-channels, no norm/ReLU) -> bilinear upsampling to stride 4 -> L2 normalisation. A softmax
+channels, no norm/ReLU) on the backbone's output at `spml.output_stride` (8 in the
+configs, as the reference) -> bilinear upsampling to stride 4 -> L2 normalisation. A softmax
 classifier head (3x3 conv 128 no bias, BN, ReLU, dropout 0.75, 1x1 conv to C classes)
 reads the *detached* embedding. Outputs: `embedding` [B, h4, w4, D] (unit norm),
 `seg_logits` [B, h4, w4, C], and for the shared stages' contract `cams` [B, h4, w4, C-1]
@@ -70,6 +71,9 @@ def default_config() -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
       embedding_dim=64,
       backbone_head=False,           # EfficientNet: ASPP-L on the 1280-ch head conv
+      # The backbone's output stride for SPML's network only (0: model.output_stride).
+      # The reference embeds at stride 8, upsampled x2 to stride 4; at 16 it is x4.
+      output_stride=0,
       aspp_rates=(6, 12, 18, 24),    # DeepLab-v2 ASPP-L at OS8; halve them at OS16
       classifier_hidden=128,
       classifier_dropout=0.75,
@@ -115,6 +119,13 @@ def loss_weights(config: Any) -> dict[str, float]:
   return out
 
 
+def output_stride(config: Any) -> int:
+  """The backbone output stride of SPML's network: `spml.output_stride`, 0 meaning
+  `model.output_stride` (the CAM baseline's, whose weights it warm-starts from: a stride
+  only changes strides/dilations, not the parameters)."""
+  return int(config.spml.get("output_stride", 0)) or int(config.model.output_stride)
+
+
 def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None, *,
                 freeze_embedding: bool = False) -> SPMLNet:
   """SPMLNet from `config.model` and `config.spml` (`freeze_embedding`: see SPMLNet)."""
@@ -123,7 +134,8 @@ def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None
   if backbone is None:
     # The 320-ch last block by default (as the registry's DeepLab): ASPP-L on EfficientNet's
     # 1280-ch head conv costs more than the backbone itself on CPU (measured).
-    backbone = models.build_backbone(config.model,
+    model_cfg = {**config.model.to_dict(), "output_stride": output_stride(config)}
+    backbone = models.build_backbone(model_cfg,
                                      include_head=bool(config.spml.get("backbone_head", False)))
   sc = config.spml
   return SPMLNet(backbone, num_classes, int(sc.embedding_dim),
