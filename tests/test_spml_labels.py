@@ -63,3 +63,47 @@ def test_walk_labels_are_the_argmax_of_the_crf_of_the_walk():
   from wsss_jax.stages import spml_labels
   assert spml_labels.default_config().rw_crf is True
 
+
+def test_walk_lengths_diagnostic_matches_numpy_walks():
+  """spml_labels' walk-length diagnostic: per image and length t, the confusion matrix of
+  argmax(walk of t steps) (one walk for all t) against the mask, t = 1, 4, 16 in NumPy."""
+  import ml_collections as mlc
+  from wsss_jax.ops import metrics
+  from wsss_jax.stages import spml_labels
+  rgb, images, scores, emb = _walk_case(1)
+  steps = (16, 1, 4)                                  # any order
+  # Random-walk scores from the shared ops, step by step, agree with NumPy's T^t.
+  for t in steps:
+    want = np.argmax(np.asarray(resize.resize_bilinear(
+        jnp.asarray(_numpy_walk(scores, emb, t)), (P, P)))[0], -1)
+    got = propagation.walk_labels_steps(
+        jnp.asarray(scores), [jnp.asarray(emb)], jnp.ones((1, P, P), bool),
+        jnp.ones((1, C), bool), images, max_classes=C, stride=STRIDE, scale=SCALE,
+        beta=BETA, steps=steps, crf=False)
+    np.testing.assert_array_equal(np.asarray(got[steps.index(t), 0]), want)
+  # The stage's batch function: CAMs (background = bg) walked with the model's embedding.
+  cams = scores[..., 1:]
+  bg = 0.5
+  mask = np.where(np.arange(P)[None, :, None] < P // 2, 1, 2) * np.ones((1, 1, P), np.int32)
+  mask[:, :2] = 255
+
+  class FixedEmbedding:
+    def apply(self, variables, x, train=False):
+      del variables, train
+      return {"embedding": jnp.broadcast_to(jnp.asarray(emb), (x.shape[0],) + emb.shape[1:])}
+
+  cfg = mlc.ConfigDict({"spml_labels": spml_labels.default_config().to_dict()})
+  lc = cfg.spml_labels
+  lc.flip, lc.rw_crf, lc.rw_stride, lc.rw_scale, lc.rw_beta = False, False, STRIDE, SCALE, BETA
+  fn = spml_labels.walk_steps_fn(cfg, FixedEmbedding(), C, bg, steps)
+  batch = {"image": images, "valid": jnp.ones((1, P, P), bool), "cams": jnp.asarray(cams),
+           "labels": jnp.ones((1, C - 1)), "mask": jnp.asarray(mask)}
+  conf = np.asarray(fn({"params": {}}, batch)["conf"])
+  assert conf.shape == (1, len(steps), C, C)
+  full = np.concatenate([np.full(cams.shape[:3] + (1,), bg, np.float32), cams], -1)
+  for i, t in enumerate(steps):
+    lab = np.argmax(np.asarray(resize.resize_bilinear(
+        jnp.asarray(_numpy_walk(full, emb, t)), (P, P)))[0], -1)
+    np.testing.assert_array_equal(conf[0, i], metrics.confusion_matrix_np(mask[0], lab, C))
+  assert not np.array_equal(conf[0, 0], conf[0, 1])   # the lengths give other labels
+  assert spml_labels.default_config().rw_diag_steps == (1, 4, 16, 64)
