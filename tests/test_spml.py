@@ -448,3 +448,28 @@ def test_configs_embed_at_output_stride_8_upsampled_twice():
       v, x, capture_intermediates=lambda mdl, _: mdl.name == "embed_aspp0",
       mutable=["intermediates"]), variables)
   assert inter16["intermediates"]["embed_aspp0"]["__call__"][0].shape == (1, 4, 4, 64)
+
+
+def test_runlocal_spml_follows_the_protocol(msrc_root):
+  """configs/voc/spml.py:runlocal: the shared 500-step baseline (the same fingerprint as
+  the control's, so the cache serves both), SPML's CAMs/pseudo-labels from it, then SPML
+  for the control's METHOD_STEPS warm-started from it."""
+  import importlib.util
+  import os
+  from conftest import REPO_ROOT, load_config_file
+  from wsss_jax.stages import registry
+  spec = importlib.util.spec_from_file_location("cam_cfg", os.path.join(
+      REPO_ROOT, "configs/voc/cam.py"))
+  cam = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cam)
+  ctrl = load_config_file("configs/voc/cam.py", "runlocal")
+  sp = load_config_file("configs/voc/spml.py", "runlocal")
+  for c in (ctrl, sp):
+    c.data.root = msrc_root
+  assert sp.baseline.num_steps == ctrl.baseline.num_steps == cam.BASELINE_STEPS == 500
+  assert sp.train.num_steps == ctrl.train.num_steps == cam.METHOD_STEPS
+  assert sp.train.init_from == "baseline" and sp.cams.variables == "baseline"
+  stages = sp.stages.split(",")
+  assert stages.index("baseline") < stages.index("cams") < stages.index("pseudo") < (
+      stages.index("train"))
+  assert registry.fingerprint(sp, "baseline") == registry.fingerprint(ctrl, "baseline")
