@@ -135,6 +135,56 @@ def test_vmf_cooccurrence_relation():
   np.testing.assert_allclose(float(s), l0 + l1 + l2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("same_image", [False, True])
+def test_vmf_cooccurrence_same_image_flag(same_image):
+  """Relation C with and without the same-image positives (released code: without), against
+  a NumPy reference of the positive/negative sets and of the kappa-scaled loss."""
+  rng = np.random.default_rng(3)
+  n_p, n_a, kappa = 12, 6, 8.0
+  p_img = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, -1, -1, 0])
+  img_tags = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], np.float32)  # image 2: no object
+  p_tags = np.where((p_img >= 0)[:, None], img_tags[np.maximum(p_img, 0)], 0)
+  p_tags[9:11] = [[0, 1, 0], [1, 0, 0]]                                # memory prototypes
+  p_valid = np.ones(n_p, bool)
+  p_valid[11] = False
+  a_img = np.array([0, 1, 2, 2, 0, 1])
+  a_seg = np.array([0, 3, 6, 7, 1, -1])
+  protos = _unit(rng.uniform(0, 360, n_p))
+  feats = _unit(rng.uniform(0, 360, n_a))
+  a = vmf_loss.Anchors(image=jnp.asarray(a_img), label=jnp.zeros(n_a, jnp.int32),
+                       superpixel=jnp.zeros(n_a, jnp.int32), segment=jnp.asarray(a_seg),
+                       tags=jnp.asarray(img_tags[a_img]), valid=jnp.ones(n_a, bool))
+  p = vmf_loss.Prototypes(image=jnp.asarray(p_img), label=jnp.zeros(n_p, jnp.int32),
+                          superpixel=jnp.zeros(n_p, jnp.int32),
+                          tags=jnp.asarray(p_tags, jnp.float32), valid=jnp.asarray(p_valid))
+  # NumPy reference.
+  overlap = (img_tags[a_img] @ p_tags.T) > 0
+  if same_image:
+    overlap |= a_img[:, None] == p_img[None, :]
+  want_pos, want_neg = p_valid & overlap, p_valid & ~overlap
+  _, pos, neg = vmf_loss.relation_masks("cooccurrence", a, p, 3,
+                                        same_image_positive=same_image)
+  np.testing.assert_array_equal(np.asarray(pos), want_pos)
+  np.testing.assert_array_equal(np.asarray(neg), want_neg)
+  lg = kappa * feats @ protos.T
+  total, count = 0.0, 0
+  for i in range(n_a):
+    own = a_seg[i]
+    others = [j for j in range(n_p) if want_pos[i, j] and j != own]
+    pos_i = others or ([own] if own >= 0 and want_pos[i, own] else [])
+    if not pos_i:
+      continue               # no positive: the anchor takes no part
+    neg_i = [j for j in range(n_p) if want_neg[i, j] and j != own]
+    total += _nca(lg[i], pos_i, neg_i)
+    count += 1
+  s, n = vmf_loss.relation_loss("cooccurrence", feats, protos, a, p, kappa=kappa,
+                                num_labeled=3, same_image_positive=same_image)
+  # The object-free image's anchors (2, 3) count only with the same-image term.
+  assert int(n) == count == (6 if same_image else 4)
+  np.testing.assert_allclose(float(s), total, rtol=1e-5)
+  assert spml.default_config().cooccur_same_image is False
+
+
 def test_vmf_lowlevel_relation():
   feats, protos, a, p = _setup()
   kappa = 16.0
@@ -375,3 +425,51 @@ def test_cpu_configs_walk_one_step_for_tags_only():
                           "runlocal,weak_label=points").spml_labels.rw_logt == 6
   assert load_config_file("configs/synthetic/spml.py",
                           "weak_label=points").spml_labels.rw_logt == 6
+
+
+def test_configs_embed_at_output_stride_8_upsampled_twice():
+  """The reference's embedding: ASPP-L on the stride-8 map, upsampled x2 to stride 4; the
+  baseline (model.output_stride) stays at 16."""
+  from conftest import load_config_file
+  cfg = load_config_file("configs/voc/spml.py", "runlocal")
+  cfg.model.pretrained = False
+  assert int(cfg.model.output_stride) == 16 and spml.output_stride(cfg) == 8
+  assert tuple(cfg.spml.aspp_rates) == (6, 12, 18, 24)
+  model = spml.build_model(cfg, 22)
+  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  out, inter = jax.eval_shape(lambda v: model.apply(
+      v, x, capture_intermediates=lambda mdl, _: mdl.name == "embed_aspp0",
+      mutable=["intermediates"]), variables)
+  assert inter["intermediates"]["embed_aspp0"]["__call__"][0].shape == (1, 8, 8, 64)
+  assert out["embedding"].shape == (1, 16, 16, 64)
+  cfg.spml.output_stride = 0     # the coarse map of before: model.output_stride (16)
+  _, inter16 = jax.eval_shape(lambda v: spml.build_model(cfg, 22).apply(
+      v, x, capture_intermediates=lambda mdl, _: mdl.name == "embed_aspp0",
+      mutable=["intermediates"]), variables)
+  assert inter16["intermediates"]["embed_aspp0"]["__call__"][0].shape == (1, 4, 4, 64)
+
+
+def test_runlocal_spml_follows_the_protocol(msrc_root):
+  """configs/voc/spml.py:runlocal: the shared 500-step baseline (the same fingerprint as
+  the control's, so the cache serves both), SPML's CAMs/pseudo-labels from it, then SPML
+  for the control's METHOD_STEPS warm-started from it."""
+  import importlib.util
+  import os
+  from conftest import REPO_ROOT, load_config_file
+  from wsss_jax.stages import registry
+  spec = importlib.util.spec_from_file_location("cam_cfg", os.path.join(
+      REPO_ROOT, "configs/voc/cam.py"))
+  cam = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cam)
+  ctrl = load_config_file("configs/voc/cam.py", "runlocal")
+  sp = load_config_file("configs/voc/spml.py", "runlocal")
+  for c in (ctrl, sp):
+    c.data.root = msrc_root
+  assert sp.baseline.num_steps == ctrl.baseline.num_steps == cam.BASELINE_STEPS == 500
+  assert sp.train.num_steps == ctrl.train.num_steps == cam.METHOD_STEPS
+  assert sp.train.init_from == "baseline" and sp.cams.variables == "baseline"
+  stages = sp.stages.split(",")
+  assert stages.index("baseline") < stages.index("cams") < stages.index("pseudo") < (
+      stages.index("train"))
+  assert registry.fingerprint(sp, "baseline") == registry.fingerprint(ctrl, "baseline")

@@ -7,10 +7,18 @@ spml_labels (random walk + nearest-prototype propagation -> workdir/spml/pseudo)
 spml_bootstrap (full config only, see below: two softmax classifiers on the frozen embedding
 -> workdir/spml_boot/pseudo), seg (DeepLabV3+ on the last labels), evaluate.
 
-CPU-sized, on the real MSRC photos beside the repository (baseline 120 + SPML 80 = the
-200 train steps of configs/voc/cam.py:runlocal):
+CPU-sized, on the real MSRC photos beside the repository, under the evaluation protocol
+of configs/voc/cam.py:runlocal: the shared `baseline` stage (cam.BASELINE_STEPS = 500
+steps of the CPU CAM recipe, cached across work directories: the same fingerprint as
+cam.py's) gives SPML its CAMs and pseudo-labels (`cams.variables='baseline'`), then SPML
+trains cam.METHOD_STEPS = 200 steps warm-started from it:
   wsss --config=configs/voc/spml.py:runlocal --config.data.root=../shared/data/msrc21 \
        --workdir=runs/msrc_spml
+The comparison: the control (cam.py:runlocal) trains the CAM loss those 200 steps more and
+takes its CAMs and pseudo-labels from that 700-step model, while SPML starts from the
+500-step baseline's; SPML's labels (`spml_pseudo_miou`, sweep split) are judged against the
+control's pseudo-labels (its `pseudo` stage's mIoU) and SPML's `seg` against the
+control's `seg`, paired by seed.
 Points instead of tags (no baseline needed: labels derived from the GT masks):
   wsss --config=configs/voc/spml.py:runlocal,weak_label=points \
        --config.data.root=../shared/data/msrc21 --workdir=runs/msrc_spml_points
@@ -41,6 +49,7 @@ from wsss_jax.stages import spml_labels  # noqa: E402
 
 TAG_STAGES = "data,baseline,cams,sweep,pseudo,train,spml_labels,spml_bootstrap,seg,evaluate"
 WEAK_STAGES = "data,train,spml_labels,seg,evaluate"
+SPML_OUTPUT_STRIDE = 8   # the embedding's backbone stride (reference: DeepLab OS8)
 
 
 def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
@@ -57,9 +66,11 @@ def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
   c.data.extra_maps = ("superpixels",)   # cropped/flipped with the image (TrainTransform)
   c.spml = spml.default_config()
   c.spml.weights = "code" if code_weights else "paper"
-  # The backbones here run at output stride 16: half the OS8 ASPP-L rates.
-  if int(c.model.output_stride) == 16:
-    c.spml.aspp_rates = (3, 6, 9, 12)
+  # The reference's embedding: output stride 8 (upsampled x2 to stride 4) with the OS8
+  # ASPP-L rates; only SPML's network runs at it (the baseline and its CAMs keep
+  # model.output_stride). `--config.spml.output_stride=16` (with aspp_rates=(3, 6, 9, 12),
+  # half the OS8 rates) is the cheaper coarse map (README "SPML").
+  c.spml.output_stride = SPML_OUTPUT_STRIDE
   c.spml_labels = spml_labels.default_config()
   c.spml_bootstrap = spml_bootstrap.default_config()
   c.seg.pseudo_dir = os.path.join(spml_labels.OUT_DIR, "pseudo")
@@ -101,7 +112,8 @@ def get_config(arg: str | None = None):
   if arg.runlocal:
     # The protocol (cam.py:runlocal): the shared baseline's steps, then SPML for the
     # control's method steps.
-    cam_steps, spml_steps = int(c.baseline.num_steps), total
+    cam = common.load_module(__file__, "cam.py")
+    cam_steps, spml_steps = cam.BASELINE_STEPS, cam.METHOD_STEPS
   else:
     cam_steps, spml_steps = total, 30000    # SPML's VOC schedule (METHODS.md §5.4)
   c = spml_setup(c, weak_label=arg.weak_label, code_weights=arg.code_weights,
@@ -109,9 +121,10 @@ def get_config(arg: str | None = None):
                  bootstrap=bootstrap_arg(arg.bootstrap, arg.runlocal))
   if arg.runlocal:
     if arg.weak_label == "tags":
-      # One random-walk step instead of the reference's 64: an 80-step embedding
-      # over-diffuses (README "Why SPML's labels fell below the baseline";
-      # `--config.spml_labels.rw_logt=6` restores the reference).
+      # One random-walk step instead of the reference's 64: an 80-step OS16 embedding
+      # over-diffused (README "Why SPML's labels fell below the baseline";
+      # `--config.spml_labels.rw_logt=6` restores the reference). spml_labels reports the
+      # walk's label mIoU after 1, 4, 16 and 64 steps (`spml_rw_miou_steps<t>`) to decide.
       c.spml_labels.rw_logt = 0
       # With `:bootstrap`: two 60-step classifier rounds on the frozen embedding
       # (reference: 4k iterations).

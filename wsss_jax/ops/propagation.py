@@ -3,9 +3,10 @@
 Pure and jittable; the `spml_labels` and `spml_bootstrap` stages run them inside their
 batched inference functions:
 
-- `random_walk`: scores times T^(2^logt), T the column-normalised embedding affinity
-  (PSA/SPML); `walk_labels` runs it at a coarse stride on an image's R most relevant
-  classes and returns the argmax labels ("cam_rw").
+- `random_walk` / `random_walk_steps`: scores times T^t, T the column-normalised
+  embedding affinity (PSA/SPML); `walk_labels` (`walk_labels_steps`: several lengths of
+  one walk) runs it at a coarse stride on an image's R most relevant classes and returns
+  the argmax labels ("cam_rw"), after the DeepLab CRF when asked.
 - `cluster_prototypes`: per image, spherical k-means of the location-augmented embedding;
   each cluster's mean embedding (a prototype) with its majority label.
 - `nearest_prototype_labels`: each cluster's class histogram over its k nearest memory
@@ -14,6 +15,8 @@ batched inference functions:
 - `crf_probs`: DeepLab CRF marginals of non-negative scores.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +29,8 @@ from wsss_jax.ops import segments as seg_ops
 from wsss_jax.ops.norms import l2_normalize
 
 
-def random_walk(scores: jax.Array, embeddings: jax.Array, valid: jax.Array, *,
-                scale: float, beta: float, logt: int) -> jax.Array:
+def random_walk_steps(scores: jax.Array, embeddings: jax.Array, valid: jax.Array, *,
+                      scale: float, beta: float, steps: Sequence[int]) -> jax.Array:
   """Propagates per-pixel scores with embedding affinities (PSA/SPML random walk).
 
   Args:
@@ -36,18 +39,31 @@ def random_walk(scores: jax.Array, embeddings: jax.Array, valid: jax.Array, *,
       as affinities.
     valid: [B, N] bool; invalid pixels neither send nor receive.
     scale, beta: a_ij = exp(scale (e_i.e_j - 1)) ** beta.
-    logt: number of squarings of T: the walk has 2^logt steps.
+    steps: walk lengths t (static, >= 0), in any order.
 
   Returns:
-    [B, N, R] scores times T^(2^logt) (T column-normalised).
+    [len(steps), B, N, R]: scores times T^t for each t of `steps` (T column-normalised),
+    from one walk of max(steps) steps.
   """
   aff = jnp.mean(jnp.exp(scale * (jnp.einsum("fbid,fbjd->fbij", embeddings, embeddings)
                                    - 1.0)), axis=0)
   m = valid.astype(jnp.float32)
   aff = (aff ** beta) * m[:, :, None] * m[:, None, :]
   t = aff / jnp.maximum(jnp.sum(aff, axis=1, keepdims=True), 1e-12)   # columns sum to 1
-  return jax.lax.fori_loop(0, 2 ** logt, lambda _, v: jnp.einsum("bir,bij->bjr", v, t),
-                           scores.astype(jnp.float32))
+  step = lambda _, v: jnp.einsum("bir,bij->bjr", v, t)
+  v, done, at = scores.astype(jnp.float32), 0, {}
+  for n in sorted(set(int(n) for n in steps)):
+    v, done = jax.lax.fori_loop(done, n, step, v), n
+    at[n] = v
+  return jnp.stack([at[int(n)] for n in steps])
+
+
+def random_walk(scores: jax.Array, embeddings: jax.Array, valid: jax.Array, *,
+                scale: float, beta: float, logt: int) -> jax.Array:
+  """`random_walk_steps` of 2^logt steps (the reference's `logt` squarings of T):
+  [B, N, R] scores times T^(2^logt)."""
+  return random_walk_steps(scores, embeddings, valid, scale=scale, beta=beta,
+                           steps=(2 ** logt,))[0]
 
 
 def nn_class_scores(queries: jax.Array, query_valid: jax.Array, memory: jax.Array,
@@ -103,7 +119,7 @@ def crf_probs(scores: jax.Array, images: jax.Array, valid: jax.Array) -> jax.Arr
 def walk_labels(scores: jax.Array, views: list[jax.Array], valid: jax.Array,
                 present: jax.Array, images: jax.Array, *, max_classes: int, stride: int,
                 scale: float, beta: float, logt: int, crf: bool) -> jax.Array:
-  """Random-walk labels ("cam_rw") of a padded batch.
+  """Random-walk labels ("cam_rw") of a padded batch: `walk_labels_steps` of 2^logt steps.
 
   Args:
     scores: float [B, P, P, C] class scores (background first) at input resolution.
@@ -114,11 +130,22 @@ def walk_labels(scores: jax.Array, views: list[jax.Array], valid: jax.Array,
     max_classes: R, the classes per image carried through the walk (present ones first).
     stride: the walk runs on a [P // stride]^2 grid.
     scale, beta, logt: see `random_walk`.
-    crf: refine the walked scores with the DeepLab CRF.
+    crf: refine the walked scores with the DeepLab CRF before the argmax (the reference's
+      pseudo_camrw_crf.py).
 
   Returns:
     int32 [B, P, P] argmax labels; absent classes never win.
   """
+  return walk_labels_steps(scores, views, valid, present, images, max_classes=max_classes,
+                           stride=stride, scale=scale, beta=beta, steps=(2 ** logt,),
+                           crf=crf)[0]
+
+
+def walk_labels_steps(scores: jax.Array, views: list[jax.Array], valid: jax.Array,
+                      present: jax.Array, images: jax.Array, *, max_classes: int,
+                      stride: int, scale: float, beta: float, steps: Sequence[int],
+                      crf: bool) -> jax.Array:
+  """`walk_labels` after each walk length of `steps` (one walk): int32 [T, B, P, P]."""
   b, p = images.shape[:2]
   num_classes = scores.shape[-1]
   r = min(max_classes, num_classes)
@@ -131,17 +158,20 @@ def walk_labels(scores: jax.Array, views: list[jax.Array], valid: jax.Array,
   e_r = jnp.stack([l2_normalize(jax.image.resize(e, (b, hr, wr, e.shape[-1]), "bilinear"))
                    for e in views]).reshape(len(views), b, hr * wr, -1)
   v_r = resize.resize_nearest(valid, (hr, wr)).reshape(b, -1)
-  walked = random_walk(sel.reshape(b, hr * wr, r), e_r, v_r, scale=scale, beta=beta,
-                       logt=logt)
-  full = jnp.full((b, hr * wr, num_classes), -1.0).at[
-      jnp.arange(b)[:, None, None], jnp.arange(hr * wr)[None, :, None],
-      cls[:, None, :]].set(walked)
-  full = jnp.where(present[:, None, :], full, -1.0)
-  up = resize.resize_bilinear(full.reshape(b, hr, wr, num_classes), (p, p))
-  if crf:
-    up = crf_probs(jnp.maximum(up, 0.0) * present[:, None, None, :], images, valid)
-    up = jnp.where(present[:, None, None, :], up, -1.0)
-  return jnp.argmax(up, axis=-1).astype(jnp.int32)
+  walks = random_walk_steps(sel.reshape(b, hr * wr, r), e_r, v_r, scale=scale, beta=beta,
+                            steps=steps)
+  out = []
+  for walked in walks:
+    full = jnp.full((b, hr * wr, num_classes), -1.0).at[
+        jnp.arange(b)[:, None, None], jnp.arange(hr * wr)[None, :, None],
+        cls[:, None, :]].set(walked)
+    full = jnp.where(present[:, None, :], full, -1.0)
+    up = resize.resize_bilinear(full.reshape(b, hr, wr, num_classes), (p, p))
+    if crf:
+      up = crf_probs(jnp.maximum(up, 0.0) * present[:, None, None, :], images, valid)
+      up = jnp.where(present[:, None, None, :], up, -1.0)
+    out.append(jnp.argmax(up, axis=-1).astype(jnp.int32))
+  return jnp.stack(out)
 
 
 def cluster_prototypes(views: list[jax.Array], valid: jax.Array, labels: jax.Array, *,

@@ -16,7 +16,10 @@ and per-prototype attributes; `relation_masks` implements the four of the paper:
   * 'annotation' (A): same / different semantic label; unlabeled anchors and unlabeled
     prototypes take no part.
   * 'cooccurrence' (C): prototypes of images whose tag sets overlap with the anchor's image
-    (or of the anchor's own image) / of images with disjoint tags.
+    / of images with disjoint tags. `same_image_positive=True` (our extension, off by
+    default as in the released code) also makes every segment of the anchor's own image
+    positive; without it an image with no foreground tag has no positive (its anchors take
+    no part) and its segments are negatives for everyone, itself included.
   * 'lowlevel' (I): same / different superpixel, same image only.
   * 'affinity' (O): same / different label after propagating labels to unlabeled
     segments from their nearest labeled segment (`propagate_labels`).
@@ -65,13 +68,16 @@ class Prototypes(NamedTuple):
 
 
 def relation_masks(relation: str, anchors: Anchors, protos: Prototypes,
-                   num_labeled: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   num_labeled: int, same_image_positive: bool = False
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(eligible [A], positive [A, S], negative [A, S]) masks of one relation.
 
   Args:
     relation: one of `RELATIONS` ('affinity' expects labels already propagated).
     anchors, protos: attributes.
     num_labeled: labels < num_labeled are real classes (C); larger ids are unlabeled.
+    same_image_positive: 'cooccurrence' only: segments of the anchor's own image are
+      positives whatever the tags (module docstring).
   """
   pv = protos.valid[None, :]
   av = anchors.valid
@@ -82,7 +88,8 @@ def relation_masks(relation: str, anchors: Anchors, protos: Prototypes,
     return av & a_lab, pv & p_lab & same, pv & p_lab & ~same
   if relation == "cooccurrence":
     overlap = (anchors.tags.astype(jnp.float32) @ protos.tags.astype(jnp.float32).T) > 0
-    overlap = overlap | (anchors.image[:, None] == protos.image[None, :])
+    if same_image_positive:
+      overlap = overlap | (anchors.image[:, None] == protos.image[None, :])
     return av, pv & overlap, pv & ~overlap
   if relation == "lowlevel":
     same_image = anchors.image[:, None] == protos.image[None, :]
@@ -121,7 +128,8 @@ def segsort_loss(similarity: jax.Array, positive: jax.Array, negative: jax.Array
 
 def relation_loss(relation: str, anchor_features: jax.Array, proto_features: jax.Array,
                   anchors: Anchors, protos: Prototypes, *, kappa: float,
-                  num_labeled: int) -> tuple[jax.Array, jax.Array]:
+                  num_labeled: int, same_image_positive: bool = False
+                  ) -> tuple[jax.Array, jax.Array]:
   """`segsort_loss` of one relation.
 
   Args:
@@ -130,11 +138,13 @@ def relation_loss(relation: str, anchor_features: jax.Array, proto_features: jax
     proto_features: [S, D] L2-normalised prototypes.
     anchors, protos: attributes (`anchors.segment` indexes `proto_features`).
     kappa: concentration; num_labeled: C.
+    same_image_positive: see `relation_masks` ('cooccurrence' only).
 
   Returns:
     (loss sum, anchor count) float32 scalars.
   """
-  eligible, pos, neg = relation_masks(relation, anchors, protos, num_labeled)
+  eligible, pos, neg = relation_masks(relation, anchors, protos, num_labeled,
+                                      same_image_positive)
   own = anchors.segment[:, None] == jnp.arange(proto_features.shape[0])[None, :]
   sim = anchor_features.astype(jnp.float32) @ proto_features.astype(jnp.float32).T
   return segsort_loss(sim, pos, neg, own, eligible, kappa)

@@ -12,7 +12,7 @@ Image tags only, after `spml_labels`, whose nearest-prototype labels
    by nearest-prototype propagation): classifier r's logits averaged over `label_scales`
    + flip, softmax, each class divided by its maximum over the image, classes absent
    from the tags zeroed (`ops.propagation.bootstrap_scores`); a random walk of 2^`rw_logt`
-   steps (T^1 in the reference); then `spml_labels` step 2 ->
+   steps (T^1 in the reference), no CRF (as the reference); then `spml_labels` step 2 ->
    `workdir/spml_boot/round<r+1>/pseudo`.
 
 Final inference with the last classifier: softmax averaged over `final_scales` + flip,
@@ -83,6 +83,15 @@ def classifier_config(config: mlc.ConfigDict) -> mlc.ConfigDict:
   c.optim.frozen = EMBEDDING_PARAMS
   c.data.batch_size = int(bc.batch_size)
   c.data.extra_maps = ()        # the classifier needs no superpixels
+  return c
+
+
+def _no_walk_crf(config: mlc.ConfigDict) -> mlc.ConfigDict:
+  """`config` with `spml_labels.rw_crf` off: the reference's round labels
+  (pseudo_softmax.py) take the argmax of the walked softmax without a CRF, unlike the
+  CAM walk of `spml_labels` (pseudo_camrw_crf.py)."""
+  c = mlc.ConfigDict(config.to_dict())
+  c.spml_labels.rw_crf = False
   return c
 
 
@@ -174,7 +183,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     if fs.exists(round_marker) and wd.read_json(round_marker).get("settings") == training:
       scores.update(wd.read_json(round_marker)["scores"])
       continue
-    propagate.propagate(config, workdir, model, variables, mesh, next_root,
+    propagate.propagate(_no_walk_crf(config), workdir, model, variables, mesh, next_root,
                           score_source="bootstrap", logt=int(bc.rw_logt),
                           scales=tuple(bc.label_scales))
     scored = scoring.label_files(config, os.path.join(next_root, "pseudo"),
