@@ -283,6 +283,9 @@ def test_configs_mirror_cam_and_validate(path, base_path):
     assert c.method == "dscnet_r" and c.dscnet_r.variant == "full"
     for key in ("model", "data", "train", "optim", "cams", "sweep", "pseudo", "seg"):
       assert c[key].to_dict() == b[key].to_dict(), key
+    if arg == "runlocal" and "voc" in path:  # Y from the warm-started baseline's CAMs
+      # (issue 31 §4); synthetic :runlocal is a plain smoke run
+      assert c.train.init_from == "baseline" and "baseline" in c.stages.split(",")
   c = load_config_file(path, "runlocal,variant=sgcl_only,pgcl_mode=pixel,pixel_samples=64")
   assert (c.dscnet_r.variant, c.dscnet_r.pgcl_mode, c.dscnet_r.pixel_num_samples) == (
       "sgcl_only", "pixel", 64)
@@ -496,3 +499,67 @@ def test_sgcl_class_nodes_are_stop_gradient():
       jnp.asarray(feats), ids_b, slot_labels, sc, present, num_slots=slots, temperature=0.5,
       negatives="all_other", ctx=ctx)[0])(scores)
   np.testing.assert_array_equal(np.asarray(g_scores), 0.0)
+
+
+def _identity_case(**overrides):
+  """sgcl_only on raw 3-channel 'features' (IdentityBackbone): F = the image."""
+  cfg = _config(variant="sgcl_only", **overrides)
+  method = dscnet.make_dscnet_method(cfg, 4, backbone=IdentityBackbone())
+  batch = make_batches(1, batch=4, size=8, num_fg=3, seed=5)[0]
+  batch["labels"][0] = [1, 0, 0]  # image 0 lacks classes 2 and 3: it has negatives
+  params = method.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))["params"]
+  ctx = base.StepContext(model=method.model)
+  fn = lambda p, images: method.loss(p, {}, {}, dict(batch, image=images), jax.random.key(0),
+                                     jnp.asarray(0), ctx)
+  return fn, params, jnp.asarray(batch["image"])
+
+
+def test_sgcl_grad_ratio_metric_is_the_feature_gradient_ratio():
+  """`sgcl_grad_ratio` = ||λ2 dL_SGCL/dF|| / ||w_b dL_cls/dF||, checked against gradients
+  of the whole loss w.r.t. F (the images, for an identity backbone) with one term off."""
+  fn, params, images = _identity_case(**{"reconstructed.sgcl_negatives": "all_other"})
+  _, aux = jax.jit(fn)(params, images)
+  base_kw = {"reconstructed.sgcl_negatives": "all_other", "reconstructed.sgcl_grad_cap": 0.0}
+  f_cls, _, _ = _identity_case(**base_kw, lambda_sgcl=0.0)
+  f_sgcl, _, _ = _identity_case(**base_kw, **{"reconstructed.baseline_cls_weight": 0.0})
+  g_cls = jax.grad(lambda x: f_cls(params, x)[0])(images)
+  g_sgcl = jax.grad(lambda x: f_sgcl(params, x)[0])(images)
+  want = float(jnp.linalg.norm(g_sgcl) / jnp.linalg.norm(g_cls))
+  assert float(jnp.linalg.norm(g_sgcl)) > 0
+  np.testing.assert_allclose(float(aux.metrics["sgcl_grad_ratio"]), want, rtol=1e-4)
+
+
+def test_sgcl_grad_cap_scales_only_sgcls_gradient():
+  """With the cap, the parameter gradient is L_cls's plus `scale` x SGCL's, scale =
+  min(1, cap / ratio); the loss value is unchanged."""
+  kw = {"variant": "sgcl_only", "reconstructed.sgcl_negatives": "all_other",
+        "reconstructed.pseudo_bg_threshold": 0.05}
+  grads = {}
+  for name, extra in (("cls", {"lambda_sgcl": 0.0}), ("free", {"reconstructed.sgcl_grad_cap": 0.0}),
+                      ("capped", {"reconstructed.sgcl_grad_cap": 0.05})):
+    (value, aux), g = _loss_and_grads(_config(**kw, **extra))
+    grads[name] = (float(value), aux.metrics, g)
+  scale = float(grads["capped"][1]["sgcl_grad_scale"])
+  ratio = float(grads["capped"][1]["sgcl_grad_ratio"])
+  np.testing.assert_allclose(scale, min(1.0, 0.05 / ratio), rtol=1e-5)
+  assert scale < 1.0 and float(grads["free"][1]["sgcl_grad_scale"]) == 1.0
+  np.testing.assert_allclose(grads["capped"][0], grads["free"][0], rtol=1e-6)
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  cls, free, capped = (flat(grads[k][2]) for k in ("cls", "free", "capped"))
+  assert np.abs(free - cls).max() > 1e-3  # SGCL moves the backbone
+  np.testing.assert_allclose(capped - cls, scale * (free - cls), rtol=1e-3,
+                             atol=1e-5 * np.abs(free - cls).max())
+
+
+@pytest.mark.parametrize("variant", dscnet.VARIANTS)
+def test_variants_train_with_the_rebuilt_sgcl(variant):
+  cfg = _config(variant=variant, **{"reconstructed.pseudo_bg_threshold": 0.05})
+  (value, aux), grads = _loss_and_grads(cfg)
+  m = aux.metrics
+  assert np.isfinite(float(value))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(grads))
+  has_sgcl = variant != "pgcl_only"
+  assert ("loss_sgcl" in m) == has_sgcl and ("sgcl_grad_ratio" in m) == has_sgcl
+  assert ("loss_pgcl" in m) == (variant != "sgcl_only")
+  if has_sgcl:
+    assert float(m["sgcl_groups_per_image"]) >= float(m["groups_per_image"])
