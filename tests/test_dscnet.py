@@ -241,6 +241,8 @@ def test_refined_cam_shapes_and_outputs(variant, cams_output):
     ({}, ["shard_map", "jit"]),
     ({"reconstructed.kmeans_init": "random"}, ["shard_map"]),
     ({"pgcl_mode": "pixel", "reconstructed.kmeans_init": "random"}, ["shard_map"]),
+    ({"reconstructed.sgcl_nodes_ema": 0.9, "reconstructed.sgcl_negatives": "all_other"},
+     ["shard_map"]),
 ])
 def test_sharded_step_matches_single_device(overrides, impls):
   # A low background score gives foreground groups, so PGCL has negatives (non-zero).
@@ -563,3 +565,33 @@ def test_variants_train_with_the_rebuilt_sgcl(variant):
   assert ("loss_pgcl" in m) == (variant != "sgcl_only")
   if has_sgcl:
     assert float(m["sgcl_groups_per_image"]) >= float(m["groups_per_image"])
+
+
+def test_sgcl_nodes_ema_mixes_the_sums():
+  """EMA nodes: sums = m x previous + (1 - m) x this batch's; previous sums of a class that
+  is absent from the batch make its node exist (a negative for image 0's groups)."""
+  feats, assign, y, ncam, labels = _sgcl_case()
+  labels = labels.copy()
+  ncam = ncam.copy()
+  labels[1, 1] = 0          # class b absent from the batch
+  ncam[:, :, 1] = 0
+  y = np.where(y == 2, 0, y)
+  c, slots, m = 3, 9, 0.9
+  ids = jax.vmap(lambda a, p: gc.split_groups(a, p, c))(jnp.asarray(assign), jnp.asarray(y))
+  slot_labels = jnp.broadcast_to(jnp.arange(slots) % c, (2, slots))
+  scores = jnp.concatenate([jnp.full((2, 6, 1), 0.4), jnp.asarray(ncam)], -1)
+  present = jnp.concatenate([jnp.ones((2, 1), bool), jnp.asarray(labels) > 0], -1)
+  ctx = base.StepContext(model=None)
+  run = lambda sums, mom: dscnet.sgcl_from_features(
+      jnp.asarray(feats), ids, slot_labels, scores, present, num_slots=slots, temperature=0.5,
+      negatives="absent", ctx=ctx, node_sums=sums, momentum=mom)
+  value0, (_, (num0, den0)) = run(None, 0.0)
+  assert float(den0[2]) == 0 and float(value0) == 0.0    # no absent class node: no loss
+  prev = (jnp.zeros((c, 3)).at[2].set(jnp.asarray([0.0, 0.0, 2.0])),
+          jnp.asarray([1.0, 1.0, 2.0]))
+  value, (_, (num, den)) = run(prev, m)
+  np.testing.assert_allclose(np.asarray(num), m * np.asarray(prev[0]) + (1 - m) * np.asarray(num0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(den), m * np.asarray(prev[1]) + (1 - m) * np.asarray(den0),
+                             rtol=1e-6)
+  assert float(value) > 0    # node 2 (from the previous batches) is a negative now

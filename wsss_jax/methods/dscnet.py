@@ -31,7 +31,8 @@ no code exists; each formula below is our reading of the prose (METHODS.md §4.2
   2. class nodes across images (the graph step): S_c = Σ_k A_kc g_k / Σ_k A_kc over the
      global batch's groups, A_kc = the group mean of the cell scores [t, max-normalised
      CAM] normalised over C (Eq. 8's "probability of the group belonging to class c"),
-     stop-gradient;
+     stop-gradient (`sgcl_nodes_ema` = m > 0: the nodes come from an EMA of these sums
+     over batches, kept in the method's extra state);
   3. loss = InfoNCE of each group g_k against S_{y_k}; negatives = class nodes of the batch
      absent from the anchor's image (`sgcl_negatives='absent'`; background counts as
      present), since a co-occurring class may be the group's true class;
@@ -113,6 +114,7 @@ def dscnet_config(variant: str = "full", pgcl_mode: str = "group",
           # group against its label's node.
           sgcl_groups="split",          # split (cluster ∩ label) | majority (one label/cluster)
           sgcl_negatives="absent",      # absent (not in the anchor's image) | all_other
+          sgcl_nodes_ema=0.0,           # 0: this batch's nodes; m in (0, 1): EMA of the sums
           # τ: with λ₂ = 0.4, GT labels as Y, 48 MSRC images at ImageNet init, the rebuilt
           # SGCL's feature gradient is 0.15x L_cls's at τ = 0.1 (0.21x at 0.5); the old
           # SGCL's was 1.8x (issue 31). After the warm start L_cls's gradient is smaller,
@@ -168,6 +170,9 @@ def validate_config(cfg: Any) -> None:
               "fusion_class_temperature"):
     if not r[key] > 0:
       raise ValueError(f"config.dscnet_r.reconstructed.{key} must be > 0, got {r[key]}")
+  if not 0 <= r.sgcl_nodes_ema < 1:
+    raise ValueError(f"config.dscnet_r.reconstructed.sgcl_nodes_ema must be in [0, 1), "
+                     f"got {r.sgcl_nodes_ema}")
   if r.sgcl_grad_cap < 0:
     raise ValueError(f"config.dscnet_r.reconstructed.sgcl_grad_cap must be >= 0 (0 = off), "
                      f"got {r.sgcl_grad_cap}")
@@ -197,13 +202,17 @@ class DSCNetSettings:
   sgcl_groups: str
   sgcl_negatives: str
   sgcl_grad_cap: float
+  sgcl_nodes_ema: float
   head: nn.Module  # the plain CAM head (unbound), for L_cls's feature gradient
 
 
 def sgcl_from_features(features: jax.Array, ids: jax.Array, slot_labels: jax.Array,
                        cell_scores: jax.Array, image_present: jax.Array, *,
                        num_slots: int, temperature: float, negatives: str,
-                       ctx: base.StepContext) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       ctx: base.StepContext,
+                       node_sums: tuple[jax.Array, jax.Array] | None = None,
+                       momentum: float = 0.0
+                       ) -> tuple[jax.Array, tuple[dict[str, Any], tuple[jax.Array, jax.Array]]]:
   """L_SGCL (Eq. 8-9, rebuilt per issue 31) of a local batch as a function of F.
 
   Args:
@@ -214,9 +223,14 @@ def sgcl_from_features(features: jax.Array, ids: jax.Array, slot_labels: jax.Arr
     image_present: [B, C] bool classes of each image (column 0, background, True).
     num_slots: S. temperature: τ. negatives: `gc.SGCL_NEGATIVES`.
     ctx: sums the class-node statistics over devices (the global batch's groups).
+    node_sums: with `momentum` > 0, the previous (Σ A g [C, D], Σ A [C]); the nodes are
+      then built from m x previous + (1 - m) x this batch's sums (an EMA over batches that
+      keeps the nodes of classes absent from this batch).
+    momentum: m in [0, 1).
 
   Returns:
-    (the loss: mean over an image's anchors, then over images (Eq. 7), and metrics).
+    (the loss: mean over an image's anchors, then over images (Eq. 7), (metrics, the sums
+    the nodes were built from)).
   """
   means, counts = jax.vmap(lambda x, i: gc.segment_means(x, i, num_slots))(features, ids)
   emb = l2_normalize(means)                                                # [B, S, D]
@@ -224,6 +238,9 @@ def sgcl_from_features(features: jax.Array, ids: jax.Array, slot_labels: jax.Arr
   weights = jax.vmap(lambda sc, i: gc.group_class_weights(sc, i, num_slots))(
       jax.lax.stop_gradient(cell_scores), ids)                             # A [B, S, C]
   num, den = ctx.psum(gc.class_node_sums(jax.lax.stop_gradient(emb), weights))
+  if momentum > 0:
+    num = momentum * node_sums[0] + (1.0 - momentum) * num
+    den = momentum * node_sums[1] + (1.0 - momentum) * den
   nodes, node_valid = gc.class_nodes_from_sums(num, den)
   nodes = jax.lax.stop_gradient(nodes)  # targets: SGCL moves the groups, not the nodes
   neg = gc.sgcl_negative_mask(slot_labels, image_present, node_valid, negatives)
@@ -235,14 +252,15 @@ def sgcl_from_features(features: jax.Array, ids: jax.Array, slot_labels: jax.Arr
   value = _image_mean(l_g.reshape(b, k), anchors, ctx)
   metrics = {"sgcl_groups_per_image": jnp.mean(jnp.sum(g_valid, -1).astype(jnp.float32)),
              "sgcl_anchor_fraction": (jnp.sum(anchors), jnp.sum(g_valid))}
-  return value, metrics
+  return value, (metrics, (num, den))
 
 
 def _sgcl_value_and_feature_grad(s: "DSCNetSettings", out: dict[str, jax.Array],
                                  y: jax.Array, ncam: jax.Array, labels: jax.Array,
-                                 g_lab: jax.Array, ctx: base.StepContext
-                                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """(L_SGCL, dL_SGCL/dF [B, h, w, D], metrics) with F = the backbone features."""
+                                 g_lab: jax.Array, ctx: base.StepContext, extra: Any
+                                 ) -> tuple[jax.Array, jax.Array, dict[str, Any], Any]:
+  """(L_SGCL, dL_SGCL/dF [B, h, w, D], metrics, the node sums) with F = the backbone
+  features."""
   f = jax.lax.stop_gradient(out["features"])
   b, h, w, d = f.shape
   c = s.num_classes
@@ -261,10 +279,13 @@ def _sgcl_value_and_feature_grad(s: "DSCNetSettings", out: dict[str, jax.Array],
   def fn(x):
     return sgcl_from_features(x.reshape(b, h * w, d), ids, slot_labels, scores, present,
                               num_slots=num_slots, temperature=s.sgcl_temperature,
-                              negatives=s.sgcl_negatives, ctx=ctx)
+                              negatives=s.sgcl_negatives, ctx=ctx,
+                              node_sums=(extra["sgcl_num"], extra["sgcl_den"])
+                              if s.sgcl_nodes_ema > 0 else None,
+                              momentum=s.sgcl_nodes_ema)
 
-  (value, metrics), grad = jax.value_and_grad(fn, has_aux=True)(f)
-  return value, grad, metrics
+  (value, (metrics, sums)), grad = jax.value_and_grad(fn, has_aux=True)(f)
+  return value, grad, metrics, sums
 
 
 def _cls_feature_grad(s: "DSCNetSettings", params: Any, features: jax.Array,
@@ -283,7 +304,8 @@ def loss(s: DSCNetSettings, params: Any, batch_stats: Any, extra: Any,
          batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array,
          ctx: base.StepContext) -> tuple[jax.Array, base.LossAux]:
   """The DSCNet-R loss of one step (module docstring); see `base.Method`."""
-  del extra, rng
+  del rng
+  extra_aux = None
   num_classes = s.num_classes
   images, labels = batch["image"], batch["labels"]
   b = images.shape[0]
@@ -341,8 +363,10 @@ def loss(s: DSCNetSettings, params: Any, batch_stats: Any, extra: Any,
     metrics["pgcl_anchor_fraction"] = (jnp.sum(has_pos), jnp.sum(flat(ok)))
 
   if s.use_sgcl:
-    l_sgcl, grad_f, sgcl_metrics = _sgcl_value_and_feature_grad(
-        s, out, y, ncam, labels, g_lab, ctx)
+    l_sgcl, grad_f, sgcl_metrics, sums = _sgcl_value_and_feature_grad(
+        s, out, y, ncam, labels, g_lab, ctx, extra)
+    if s.sgcl_nodes_ema > 0:
+      extra_aux = {"sgcl_num": sums[0], "sgcl_den": sums[1]}
     metrics.update(sgcl_metrics)
     # Feature-gradient balance (issue 31 §5): ||d(w_b L_cls)/dF|| of the plain head.
     cls_grad = _cls_feature_grad(s, params, out["features"], labels)
@@ -366,7 +390,7 @@ def loss(s: DSCNetSettings, params: Any, batch_stats: Any, extra: Any,
     total += s.lambda_sgcl * l_sgcl + lin
     metrics["loss_sgcl"] = l_sgcl
 
-  return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=None)
+  return total, base.LossAux(metrics=metrics, batch_stats=new_bs, extra_aux=extra_aux)
 
 
 def make_dscnet_method(config: Any, num_classes: int, *,
@@ -426,7 +450,23 @@ def make_dscnet_method(config: Any, num_classes: int, *,
       pgcl_temperature=float(r.pgcl_temperature),
       sgcl_temperature=float(r.sgcl_temperature), sgcl_groups=str(r.sgcl_groups),
       sgcl_negatives=str(r.sgcl_negatives), sgcl_grad_cap=float(r.sgcl_grad_cap),
+      sgcl_nodes_ema=float(r.sgcl_nodes_ema),
       head=CAMHead(num_classes - 1, model.pool, model.tap_threshold, model.dtype,
                    backbone_pointwise_impl(model.backbone)))
+  if use_sgcl and settings.sgcl_nodes_ema > 0:
+    def init_extra(rng: jax.Array, variables: Any) -> dict[str, jax.Array]:
+      """Zero class-node sums [C, D], [C] (zero sums leave the first batch's nodes)."""
+      del rng
+      d = variables["params"]["cam_head"]["classifier"]["kernel"].shape[-2]
+      return {"sgcl_num": jnp.zeros((num_classes, d), jnp.float32),
+              "sgcl_den": jnp.zeros((num_classes,), jnp.float32)}
+
+    def update_extra(extra, params, batch_stats, extra_aux, step, ctx):
+      del extra, params, batch_stats, step, ctx
+      return extra_aux
+
+    return base.Method(name="dscnet_r", model=model, loss=functools.partial(loss, settings),
+                       init_extra=init_extra, update_extra=update_extra,
+                       load_pretrained=load_pretrained)
   return base.Method(name="dscnet_r", model=model, loss=functools.partial(loss, settings),
                      load_pretrained=load_pretrained)
