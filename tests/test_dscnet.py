@@ -595,3 +595,19 @@ def test_sgcl_nodes_ema_mixes_the_sums():
   np.testing.assert_allclose(np.asarray(den), m * np.asarray(prev[1]) + (1 - m) * np.asarray(den0),
                              rtol=1e-6)
   assert float(value) > 0    # node 2 (from the previous batches) is a negative now
+
+
+def test_sgcl_majority_groups_are_the_clusters():
+  """`sgcl_groups='majority'` (the pre-issue-31 grouping) contrasts the k-means clusters
+  themselves; 'split' has at least as many groups."""
+  got = {}
+  for groups in ("majority", "split"):
+    cfg = _config(variant="sgcl_only", **{"reconstructed.sgcl_groups": groups,
+                                          "reconstructed.pseudo_bg_threshold": 0.05,
+                                          "reconstructed.sgcl_negatives": "all_other"})
+    (value, aux), _ = _loss_and_grads(cfg)
+    got[groups] = aux.metrics
+    assert np.isfinite(float(value)) and float(aux.metrics["loss_sgcl"]) > 0
+  np.testing.assert_allclose(float(got["majority"]["sgcl_groups_per_image"]),
+                             float(got["majority"]["groups_per_image"]))
+  assert float(got["split"]["sgcl_groups_per_image"]) > float(got["split"]["groups_per_image"])

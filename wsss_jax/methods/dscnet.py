@@ -51,7 +51,7 @@ no code exists; each formula below is our reading of the prose (METHODS.md §4.2
   F^ = [F, F'], refined CAMs M' = conv_cls'(F^) (`refined_head`).
 * Objective (Eq. 13): L = w_b L_cls(GAP M) + w_r L_cls(GAP M') + 0.6 L_PGCL + 0.4 L_SGCL,
   L_cls = multi-label soft margin. The baseline term on M is kept (the plug-in keeps its
-  baseline's losses; M feeds Y and the class nodes).
+  baseline's losses; M feeds Y and SGCL's class weights A).
 
 Variants (`config.dscnet_r.variant`, the paper's ablation rows, Table IV): `pgcl_only`
 (M1), `sgcl_only` (M2), `independent` (M3: both losses, no fusion), `full` (M4: both +
