@@ -42,7 +42,7 @@ class DSCNetR(nn.Module):
   kmeans_iters: int = 10
   kmeans_init: str = "kmeans++"
   extra_groups: int = 1
-  sgcl_temperature: float = 0.1
+  class_temperature: float = 0.1  # fusion's q = softmax_c cos(g, w_c) / t
   class_nodes_grad: bool = True
   fusion_temperature: float = 0.1
   fusion_combine: str = "sum"
@@ -93,13 +93,15 @@ class DSCNetR(nn.Module):
     if not (self.use_class_nodes or self.use_fusion):
       return out
 
-    # Class nodes: the CAM classifier's weights (C-1 foreground) and a learned background.
+    # Fusion's class nodes (Eq. 8 -> 10): the CAM classifier's weights (C-1 foreground) and
+    # a learned background. SGCL no longer uses them (methods/dscnet.py builds its class
+    # nodes from the batch's groups, issue 31).
     kernel = head.variables["params"]["classifier"]["kernel"].reshape(d, -1).T  # [C-1, D]
     if not self.class_nodes_grad:  # SGCL then leaves the CAM classifier to L_cls alone
       kernel = jax.lax.stop_gradient(kernel)
     bg = self.param("bg_node", nn.initializers.normal(1.0), (d,), jnp.float32)
     nodes = l2_normalize(jnp.concatenate([bg[None], kernel.astype(jnp.float32)], 0))
-    logits_kc = gc.class_logits(means, nodes, self.sgcl_temperature)  # [B, K, C]
+    logits_kc = gc.class_logits(means, nodes, self.class_temperature)  # [B, K, C]
     out.update(class_nodes=nodes, group_class_logits=logits_kc)
     if not self.use_fusion:
       return out

@@ -226,3 +226,120 @@ def fuse_features(features: jax.Array, a_pix: jax.Array, a_sem: jax.Array, mask:
     raise ValueError(f"fusion_combine must be one of {FUSION_COMBINES}, got {combine!r}")
   a = a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), _EPS)
   return (a @ features.astype(jnp.float32)) * mask[:, None]
+
+
+# --- SGCL (Eq. 8-9), rebuilt per issue 31: split groups, cross-image class nodes --------
+
+SGCL_NEGATIVES = ("absent", "all_other")
+
+
+def split_groups(assign: jax.Array, pixel_labels: jax.Array, num_classes: int) -> jax.Array:
+  """SGCL's nodes: k-means groups split by the pseudo label (cluster ∩ label).
+
+  A cell of cluster k with label c goes to slot k*C + c, so every group holds one label
+  and no object cell is counted in a background group (the majority label of a coarse
+  cluster did that: 29 % of object cells with ground-truth labels, issue 31).
+
+  Args:
+    assign: [N] int32 cluster ids in [0, K) (-1 = no group).
+    pixel_labels: [N] int class ids in [0, C) (other values, e.g. 255, = no group).
+    num_classes: C.
+
+  Returns:
+    [N] int32 slot ids in [0, K*C) or -1; the slot's label is `slot % C`.
+  """
+  ok = (assign >= 0) & (pixel_labels >= 0) & (pixel_labels < num_classes)
+  return jnp.where(ok, assign * num_classes + pixel_labels, -1).astype(jnp.int32)
+
+
+def segment_means(values: jax.Array, ids: jax.Array, num_segments: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Mean of `values` [N, D] per id in [0, S) (ids < 0 are dropped): ([S, D], counts [S]).
+
+  A segment sum (memory [S, D], not an [N, S] one-hot): SGCL has K*C slots."""
+  ok = ids >= 0
+  seg = jnp.where(ok, ids, num_segments)  # an overflow segment, then dropped
+  x = values.astype(jnp.float32) * ok[:, None]
+  sums = jax.ops.segment_sum(x, seg, num_segments=num_segments + 1)[:-1]
+  counts = jax.ops.segment_sum(ok.astype(jnp.int32), seg, num_segments=num_segments + 1)[:-1]
+  return sums / jnp.maximum(counts, 1)[:, None].astype(jnp.float32), counts
+
+
+def group_class_weights(cell_scores: jax.Array, ids: jax.Array, num_segments: int
+                        ) -> jax.Array:
+  """A (Eq. 8 matrix, transposed): the probability of each group belonging to class c.
+
+  The group mean of the per-cell class scores (background = the constant Eq. 2 score t,
+  class c = the max-normalised CAM, 0 for the image's absent classes), normalised over C.
+
+  Args:
+    cell_scores: [N, C] non-negative scores (column 0 = background).
+    ids: [N] group slot ids (-1 = none); num_segments: S.
+
+  Returns:
+    [S, C] rows summing to 1 (0 for empty groups).
+  """
+  means, counts = segment_means(cell_scores, ids, num_segments)
+  a = means / jnp.maximum(jnp.sum(means, axis=-1, keepdims=True), _EPS)
+  return a * (counts > 0)[:, None]
+
+
+def class_node_sums(groups: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The graph step's numerator and denominator over a set of groups (any leading axes):
+  (sum_k A_kc g_k [C, D], sum_k A_kc [C]). Sum them over devices (and an EMA) before
+  `class_nodes_from_sums`."""
+  g = groups.reshape(-1, groups.shape[-1]).astype(jnp.float32)
+  a = weights.reshape(-1, weights.shape[-1]).astype(jnp.float32)
+  return a.T @ g, jnp.sum(a, axis=0)
+
+
+def class_nodes_from_sums(num: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """S_c = sum_k A_ck g_k / sum_k A_ck, L2-normalised: ([C, D], valid [C] = den > 0)."""
+  valid = den > 0
+  nodes = l2_normalize(num / jnp.maximum(den, _EPS)[:, None])
+  return nodes * valid[:, None], valid
+
+
+def sgcl_negative_mask(group_labels: jax.Array, image_present: jax.Array,
+                       node_valid: jax.Array, mode: str = "absent") -> jax.Array:
+  """Which class nodes are negatives of each group: [..., K, C] bool.
+
+  'absent' (issue 31 §3): the classes that exist in the batch (`node_valid`) and are not
+  present in the anchor's image (background counts as present): a group's label from the
+  CAMs may be a co-occurring class of the same image, so those are never pushed apart.
+  'all_other': every other class node (the pre-issue-31 behaviour).
+
+  Args:
+    group_labels: [..., K] int; image_present: [..., C] bool (column 0 = background);
+    node_valid: [C] bool.
+  """
+  c = node_valid.shape[0]
+  other = group_labels[..., None] != jnp.arange(c)
+  neg = other & node_valid
+  if mode == "absent":
+    return neg & ~image_present[..., None, :]
+  if mode == "all_other":
+    return neg
+  raise ValueError(f"sgcl_negatives must be one of {SGCL_NEGATIVES}, got {mode!r}")
+
+
+def sgcl_loss(groups: jax.Array, group_labels: jax.Array, nodes: jax.Array,
+              negative_mask: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+  """Eq. 9 (reconstructed): InfoNCE of each group against its label's class node, the
+  masked class nodes as negatives. Nodes enter as given (stop-gradient them first).
+
+  Args:
+    groups: [A, D] L2-normalised; group_labels: [A] int; nodes: [C, D] L2-normalised;
+    negative_mask: [A, C] bool; temperature: t.
+
+  Returns:
+    (loss [A] float32, has_negative [A] bool); an anchor without negatives has loss 0.
+  """
+  a = groups.astype(jnp.float32)
+  nodes = nodes.astype(jnp.float32)
+  sim = a @ nodes.T / temperature                                              # [A, C]
+  pos = jnp.take_along_axis(sim, group_labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+  neg = jnp.where(negative_mask, sim, _MASKED)
+  lse = jax.nn.logsumexp(jnp.concatenate([pos[:, None], neg], axis=-1), axis=-1)
+  has = jnp.any(negative_mask, axis=-1)
+  return jnp.where(has, lse - pos, 0.0), has
