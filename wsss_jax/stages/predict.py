@@ -54,15 +54,16 @@ from wsss_jax.data import pipeline
 from wsss_jax.data import sources
 from wsss_jax.data import transforms
 from wsss_jax.data import voc_builder
+from wsss_jax.ops import cam as cam_ops
 from wsss_jax.stages import cam_store
 from wsss_jax.stages import cams as cams_stage
 from wsss_jax.stages import evaluate
 from wsss_jax.stages import inference
 from wsss_jax.stages import progress as progress_lib
-from wsss_jax.stages import pseudo as pseudo_stage
+from wsss_jax.stages import registry
 from wsss_jax.stages import seg as seg_stage
 from wsss_jax.stages import sweep as sweep_stage
-from wsss_jax.stages import train as train_stage
+from wsss_jax.stages import training
 from wsss_jax.stages import workdir as wd
 from wsss_jax.runtime import mesh as mesh_lib
 
@@ -140,7 +141,7 @@ def load_model(workdir: str, what: str = "seg") -> Model:
                  variables, _evaluate_pad_size(config, workdir))
   method, variables = cams_stage.cam_model(config, workdir, len(names))
   cam_fn = cams_stage.cam_batch_fn(config, method.model)
-  logits_fn = train_stage.classification_logits_fn(method.model)
+  logits_fn = training.classification_logits_fn(method.model)
 
   def batch_fn(variables, batch):
     return {**cam_fn(variables, batch), **logits_fn(variables, batch)}
@@ -159,7 +160,7 @@ def _class_names(config: mlc.ConfigDict, workdir: str) -> tuple[str, ...]:
 
 
 def _evaluate_pad_size(config: mlc.ConfigDict, workdir: str) -> int:
-  path = os.path.join(workdir, f"{seg_stage.result_prefix(config)}_{evaluate.EVAL_FILE}")
+  path = os.path.join(workdir, f"{registry.seg_home(config)}_{evaluate.EVAL_FILE}")
   if fs.exists(path):
     recorded = wd.read_json(path).get("pad_size")
     if recorded:
@@ -169,7 +170,7 @@ def _evaluate_pad_size(config: mlc.ConfigDict, workdir: str) -> int:
 
 def _cam_threshold(config: mlc.ConfigDict, workdir: str) -> float:
   try:
-    return pseudo_stage.foreground_threshold(config, workdir)
+    return wd.foreground_threshold(config, workdir)
   except FileNotFoundError:  # no sweep.json and pseudo.fg_threshold < 0
     logging.warning("No %s in %s and pseudo.fg_threshold < 0: CAM label PNGs use the "
                     "background threshold %s.", sweep_stage.SWEEP_FILE, workdir,
@@ -315,7 +316,8 @@ def _write(model: Model, output: str, name: str, out: dict[str, np.ndarray],
     # Labelled from the CAMs as stored (float16), as the sweep and pseudo stages read them.
     stored = {"keys": keys, "high_res": high.astype(np.float16).astype(np.float32)}
     dense = cam_store.dense_scores(stored, len(model.class_names) - 1)
-    labels = sweep_stage.threshold_predictions(dense, np.asarray([model.threshold]))[0]
+    labels = np.asarray(cam_ops.threshold_labels(
+        dense.transpose(1, 2, 0), np.ones(dense.shape[0], np.float32), [model.threshold]))[0]
   with wd.atomic_path(png) as tmp:
     palette.save_palette_png(tmp, labels.astype(np.uint8))
   return png
