@@ -11,6 +11,7 @@ import pytest
 from conftest import load_config_file
 from tiny_model import TinyBackbone, make_batches, max_abs_diff, run_steps, tiny_config
 from tiny_model import fast_compile  # noqa: F401  (module fixture)
+from wsss_jax.analysis import groups
 from wsss_jax.methods import base
 from wsss_jax.methods import dscnet
 from wsss_jax.ops import group_contrast as gc
@@ -411,6 +412,34 @@ def test_split_groups_keep_object_cells_out_of_background_groups():
   ids = np.asarray(gc.split_groups(assign, y, 3))
   np.testing.assert_array_equal(ids, [0, 2, 2, 3, 4, -1, -1])
   np.testing.assert_array_equal(ids[ids >= 0] % 3, np.asarray(y)[ids >= 0])
+
+
+def test_group_label_counts_hand_computed():
+  # Cluster 0: labels 0,0,2 -> majority background; its ground-truth object cells (ids 1,2)
+  # are in a background group under 'majority', and under 'split' only the one labelled 0.
+  # Cluster 1: labels 1,1,0,1 -> majority 1. Cell 6 has no group, cell 7 label 255 (none),
+  # cell 8 ground truth 255 (ignored).
+  gt = np.asarray([0, 1, 2, 1, 1, 2, 1, 2, 255])
+  labels = np.asarray([0, 0, 2, 1, 1, 0, 1, 255, 1])
+  assign = np.asarray([0, 0, 0, 1, 1, 1, -1, 1, 1])
+  # Background cells: cell 0 (cluster 0, majority 0, label 0) only.
+  counts = groups.group_label_counts(gt, labels, assign, 3)
+  assert counts == {"objects": 5, "background": 1, "majority": 2, "split": 2,
+                    "bg_majority": 0, "bg_split": 0}
+  # Cell 0 relabelled 2: cluster 0 turns majority 2 (votes 0:1, 2:2), so neither of its
+  # object cells is in a background group any more and its background cell is in an object
+  # group under both groupings.
+  relabelled = labels.copy()
+  relabelled[0] = 2
+  assert groups.group_label_counts(gt, relabelled, assign, 3) == {
+      "objects": 5, "background": 1, "majority": 0, "split": 2, "bg_majority": 1,
+      "bg_split": 1}
+  # Ground truth as labels: the split grouping never mislabels a cell.
+  truth = groups.group_label_counts(gt, gt, assign, 3)
+  assert truth["split"] == 0 and truth["bg_split"] == 0
+  # The majority label matches the loss's `gc.group_labels` (ties: lowest id).
+  votes = np.asarray(gc.group_labels(jnp.asarray(labels), jnp.asarray(assign), 2, 3))
+  np.testing.assert_array_equal(votes, [0, 1])
 
 
 @pytest.mark.parametrize("negatives", ["absent", "all_other"])

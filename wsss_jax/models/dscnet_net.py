@@ -76,17 +76,13 @@ class DSCNetR(nn.Module):
       present = scores > 0.0
     else:
       present = labels > 0.5
-    num_groups = jnp.minimum(jnp.sum(present, -1) + self.extra_groups, k_max)
     if kmeans_keys is None:
       kmeans_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(KEY_SALT), i))(
           jnp.arange(b))
-    points, spherical = gc.kmeans_points(jax.lax.stop_gradient(f), self.kmeans_space)
     mask = valid.reshape(b, n)
-    res = jax.vmap(lambda key, p, m, k: gc.group_pixels(
-        key, p, m, k, k_max=k_max, num_iters=self.kmeans_iters, spherical=spherical,
-        init=self.kmeans_init))(
-            kmeans_keys, points.reshape(b, n, -1), mask, num_groups)
-    assign = jax.lax.stop_gradient(res.assign)
+    assign = gc.batch_groups(kmeans_keys, f, valid, present, k_max=k_max,
+                             extra_groups=self.extra_groups, space=self.kmeans_space,
+                             num_iters=self.kmeans_iters, init=self.kmeans_init)
     means, counts = jax.vmap(lambda x, a: gc.group_means(x, a, k_max))(f.reshape(b, n, d),
                                                                          assign)
     out.update(assign=assign, group_emb=l2_normalize(means), group_valid=counts > 0)

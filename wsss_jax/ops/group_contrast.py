@@ -118,6 +118,28 @@ def group_pixels(key: jax.Array, points: jax.Array, mask: jax.Array, num_groups:
                            center_mask=center_mask)
 
 
+def batch_groups(keys: jax.Array, features: jax.Array, valid: jax.Array, present: jax.Array,
+                 *, k_max: int, extra_groups: int, space: str, num_iters: int,
+                 init: str) -> jax.Array:
+  """DSCNet-R's pixel groups of a batch: K_i = #present classes + `extra_groups` per image.
+
+  Args:
+    keys: [B] PRNG keys (one per image); features: [B, h, w, D] (not differentiated);
+    valid: [B, h, w] bool cells; present: [B, C-1] bool foreground classes.
+    k_max: static group slots; the rest as in `group_pixels` / `kmeans_points`.
+
+  Returns:
+    assign [B, h*w] int32 in [0, K_i) or -1 on invalid cells.
+  """
+  b, h, w, _ = features.shape
+  num_groups = jnp.minimum(jnp.sum(present, -1) + extra_groups, k_max)
+  points, spherical = kmeans_points(jax.lax.stop_gradient(features), space)
+  res = jax.vmap(lambda key, p, m, k: group_pixels(
+      key, p, m, k, k_max=k_max, num_iters=num_iters, spherical=spherical, init=init))(
+          keys, points.reshape(b, h * w, -1), valid.reshape(b, h * w), num_groups)
+  return jax.lax.stop_gradient(res.assign)
+
+
 def group_means(features: jax.Array, assign: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Group embedding g^k = mean of the member features (differentiable in `features`).
 

@@ -30,12 +30,15 @@ def enable_compilation_cache() -> None:
 
   Stages and resumed runs compile the same train/inference functions again; on a 2-core
   CPU each compile costs tens of seconds, so reuse matters (`--jax_compilation_cache_dir`
-  overrides; `WSSS_JAX_XLA_CACHE=0` disables).
+  overrides; `WSSS_JAX_XLA_CACHE_DIR=DIR` puts it in DIR whatever the data cache, so runs
+  with separate data caches share executables, as the test suite does;
+  `WSSS_JAX_XLA_CACHE=0` disables).
   """
   if os.environ.get("WSSS_JAX_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
     return
   jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(sources.default_cache_dir(), "xla"))
+                    os.environ.get("WSSS_JAX_XLA_CACHE_DIR")
+                    or os.path.join(sources.default_cache_dir(), "xla"))
 
 
 def run_stages(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
