@@ -2,17 +2,11 @@
 import importlib.util
 import os
 import sys
-import tempfile
 
 # Must happen before jax creates its backend. `jax_num_cpu_devices` is the supported switch;
 # the XLA flag covers subprocesses started by tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The pipelines tests start (each with its own data cache) compile the same programs: one
-# XLA executable cache for the whole session, both xdist workers and their subprocesses
-# (keys cover the program, flags and versions, so a cache left by an earlier run is valid).
-os.environ.setdefault("WSSS_JAX_XLA_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "wsss_jax_tests_xla"))
 
 import jax  # noqa: E402
 
