@@ -203,9 +203,19 @@ def test_voc_sbd_tree(tmp_path):
   meta2 = sources.prepare(cfg)
   assert meta2.path != meta.path and meta2.splits["train"] == 3
   assert sources.get_source(cfg, "train")[2]["id"] == "2007_000004"
-  # Touching a mask changes the fingerprint too.
+  # New mtimes on every file (a fresh copy at the same root) keep the dataset: the key
+  # names the files' content, not their timestamps.
+  for folder, _, names in os.walk(root):
+    for n in names:
+      p = os.path.join(folder, n)
+      os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 10**9))
+  assert sources.prepare(cfg).path == meta2.path
+  # A mask rewritten with other content is another dataset.
   p = os.path.join(root, "SegmentationClassAug", "2007_000005.png")
-  os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 10**9))
+  with Image.open(p) as im:
+    arr = np.asarray(im).copy()
+  arr[0, 0] = 255 if arr[0, 0] != 255 else 0
+  Image.fromarray(arr).save(p)
   assert sources.prepare(cfg).path not in (meta.path, meta2.path)
   # The same content under another root is another dataset.
   shutil.copytree(root, str(tmp_path / "copy"))

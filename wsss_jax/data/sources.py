@@ -33,6 +33,8 @@ from wsss_jax.data import voc_builder
 BadInputError = builders.BadInputError
 DATASETS = ("synthetic", "voc", "coco")
 _SPLIT_KEYS = ("train_split", "sweep_split", "val_split")
+# Content-digest memos of VOC roots (`content_digests`), beside the prepared folders.
+DIGEST_MEMO_DIR = ".digests"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,9 @@ def _locate(data_cfg: Any) -> tuple[str, str, Callable[[str], None]]:
     return (os.path.join("synthetic", key), f"synthetic/{key}",
             lambda folder: builders.build_synthetic(folder, params))
   if name == "voc":
-    layout = voc_builder.scan(_get(data_cfg, "root", ""), _configured_class_names(data_cfg))
+    cache = os.path.expanduser(_get(data_cfg, "cache_dir") or default_cache_dir())
+    layout = voc_builder.scan(_get(data_cfg, "root", ""), _configured_class_names(data_cfg),
+                              digest_memo_dir=os.path.join(cache, "voc", DIGEST_MEMO_DIR))
     split_dir = os.path.join(layout.root, voc_builder.SPLIT_DIR)
     _check_configured_splits(data_cfg, layout.splits,
                              lambda s: f"(missing split file {split_dir}/{s}.txt)")

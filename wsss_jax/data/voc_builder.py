@@ -25,8 +25,10 @@ Decisions:
   most images, so this halves the disk and build time of VOC + SBD). Record i of a split is
   the i-th usable id of its split file.
 - The cache key is the real path of the root + a fingerprint of the split files' contents,
-  classes, and (name, size, mtime) of every file in JPEGImages/ and the mask folders, so a
-  changed folder is rebuilt and never silently reused.
+  classes, and (name, size, content digest) of every file in JPEGImages/ and the mask
+  folders, so a changed folder is rebuilt and never silently reused, and a copy with new
+  mtimes (same root, same bytes) is not rebuilt. Digests are memoised by (size, mtime)
+  under the data cache (`content_digests`), so a scan only rehashes changed files.
 - EXIF orientation is not applied: masks are annotated on the stored pixel grid.
 """
 from __future__ import annotations
@@ -43,8 +45,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from wsss_jax.data import palette
 from wsss_jax.data import builders
+from wsss_jax.data import content_digests
+from wsss_jax.data import palette
 from wsss_jax.ops import IGNORE_INDEX
 
 IMAGE_DIR = "JPEGImages"
@@ -158,8 +161,13 @@ def _class_names(root: str, configured: Iterable[str]) -> tuple[tuple[str, ...],
   return names, source
 
 
-def scan(root: str, class_names: Iterable[str] = ()) -> VocLayout:
-  """Lists a VOC-layout folder and fingerprints it. Raises BadInputError on a bad layout."""
+def scan(root: str, class_names: Iterable[str] = (), digest_memo_dir: str | None = None
+         ) -> VocLayout:
+  """Lists a VOC-layout folder and fingerprints its content (see the module docstring).
+
+  `digest_memo_dir`: where the files' content digests are memoised (None: hash them all).
+  Raises BadInputError on a bad layout.
+  """
   if not root:
     raise builders.BadInputError(
         "data.root is empty: the voc dataset needs --config.data.root=<VOC-layout folder>")
@@ -189,13 +197,16 @@ def scan(root: str, class_names: Iterable[str] = ()) -> VocLayout:
     entries[split], split_problems[split] = _parse_split_file(path)
     with open(path, "rb") as f:
       h.update(repr((split, hashlib.sha256(f.read()).hexdigest())).encode())
+  def content(folder: str, stats: list) -> list:
+    return content_digests.digests(folder, stats, digest_memo_dir)
+
   image_names, stats = _listing(os.path.join(real, IMAGE_DIR), _IMAGE_EXTS)
-  h.update(repr((IMAGE_DIR, stats)).encode())
+  h.update(repr((IMAGE_DIR, content(os.path.join(real, IMAGE_DIR), stats))).encode())
   images = {k: os.path.join(real, IMAGE_DIR, v) for k, v in image_names.items()}
   masks: dict[str, tuple[str, str]] = {}
   for d in MASK_DIRS:
     mask_names, stats = _listing(os.path.join(real, d), (".png",))
-    h.update(repr((d, stats)).encode())
+    h.update(repr((d, content(os.path.join(real, d), stats))).encode())
     for k, v in mask_names.items():
       masks.setdefault(k, (os.path.join(real, d, v), d))
   return VocLayout(root=real, class_names=names, class_source=class_source,
