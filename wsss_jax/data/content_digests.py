@@ -61,16 +61,19 @@ def digests(folder: str, stats: Sequence[tuple[str, int, int]],
   """
   path = memo_path(memo_dir, folder) if memo_dir else None
   known = _read_memo(path, folder) if path else {}
-  files, out, changed = {}, [], False
-  for name, size, mtime in stats:
+  def memoised(name: str, size: int, mtime: int) -> str | None:
     entry = known.get(name)
-    if entry is not None and entry[0] == size and entry[1] == mtime:
-      digest = entry[2]
-    else:
-      digest, changed = file_digest(os.path.join(folder, name)), True
+    return entry[2] if entry is not None and entry[:2] == [size, mtime] else None
+
+  todo = sum(memoised(*st) is None for st in stats)
+  if todo > 100:
+    logging.info("Hashing %d files of %s (memoised in %s)", todo, folder, path)
+  files, out = {}, []
+  for name, size, mtime in stats:
+    digest = memoised(name, size, mtime) or file_digest(os.path.join(folder, name))
     files[name] = [size, mtime, digest]
     out.append((name, size, digest))
-  if path and (changed or len(files) != len(known)):
+  if path and (todo or len(files) != len(known)):
     try:
       fs.makedirs(memo_dir)
       fs.write_json(path, {"version": MEMO_VERSION, "folder": folder, "files": files})
