@@ -2,7 +2,11 @@
 import hashlib
 import os
 
+import pytest
+
+from wsss_jax.data import builders
 from wsss_jax.data import content_digests
+from wsss_jax.data import voc_builder
 
 
 def _stats(folder):
@@ -49,3 +53,20 @@ def test_a_corrupt_memo_is_recomputed(tmp_path):
     f.write("{not json")
   assert content_digests.digests(folder, _stats(folder), memo) == [("m.png", 4, _blake(b"mask"))]
   assert content_digests.digests(folder, _stats(folder), memo) == [("m.png", 4, _blake(b"mask"))]
+
+
+def test_an_unreadable_file_is_a_bad_input_naming_it(tmp_path, monkeypatch):
+  root = tmp_path / "voc"
+  for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+    os.makedirs(root / d)
+  (root / "JPEGImages" / "a.jpg").write_bytes(b"jpeg")
+  (root / "SegmentationClass" / "a.png").write_bytes(b"png")
+  (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+  bad = str(root / "JPEGImages" / "a.jpg")
+
+  def refuse(path):
+    raise PermissionError(13, "Permission denied", path)
+
+  monkeypatch.setattr(content_digests, "file_digest", refuse)
+  with pytest.raises(builders.BadInputError, match=f"{bad}: cannot read \\(Permission denied\\)"):
+    voc_builder.scan(str(root))

@@ -17,6 +17,9 @@ from wsss_jax.runtime import mesh as mesh_lib
 from wsss_jax.train import optim
 from wsss_jax.train import state as state_lib
 from wsss_jax.train import step as step_lib
+from tiny_model import fast_compile  # noqa: F401  (module fixture)
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 CROP, BATCH, NUM_CLASSES = 64, 2, 5
 FROZEN_LAYERS = ("stem_conv", "stem_bn", "stage0_0", "stage1_0", "stage1_1", "stage2_0",

@@ -33,7 +33,8 @@ from wsss_jax.data import voc_builder
 BadInputError = builders.BadInputError
 DATASETS = ("synthetic", "voc", "coco")
 _SPLIT_KEYS = ("train_split", "sweep_split", "val_split")
-# Content-digest memos of VOC roots (`content_digests`), beside the prepared folders.
+# Content-digest memos of VOC roots (`content_digests`), under the cache root: a side
+# cache, kept out of the prepared-dataset folders.
 DIGEST_MEMO_DIR = ".digests"
 
 
@@ -109,7 +110,7 @@ def _locate(data_cfg: Any) -> tuple[str, str, Callable[[str], None]]:
   if name == "voc":
     cache = os.path.expanduser(_get(data_cfg, "cache_dir") or default_cache_dir())
     layout = voc_builder.scan(_get(data_cfg, "root", ""), _configured_class_names(data_cfg),
-                              digest_memo_dir=os.path.join(cache, "voc", DIGEST_MEMO_DIR))
+                              digest_memo_dir=os.path.join(cache, DIGEST_MEMO_DIR, "voc"))
     split_dir = os.path.join(layout.root, voc_builder.SPLIT_DIR)
     _check_configured_splits(data_cfg, layout.splits,
                              lambda s: f"(missing split file {split_dir}/{s}.txt)")

@@ -198,7 +198,11 @@ def scan(root: str, class_names: Iterable[str] = (), digest_memo_dir: str | None
     with open(path, "rb") as f:
       h.update(repr((split, hashlib.sha256(f.read()).hexdigest())).encode())
   def content(folder: str, stats: list) -> list:
-    return content_digests.digests(folder, stats, digest_memo_dir)
+    try:
+      return content_digests.digests(folder, stats, digest_memo_dir)
+    except OSError as e:
+      raise builders.BadInputError(f"{e.filename or folder}: cannot read ({e.strerror or e})"
+                                   ) from e
 
   image_names, stats = _listing(os.path.join(real, IMAGE_DIR), _IMAGE_EXTS)
   h.update(repr((IMAGE_DIR, content(os.path.join(real, IMAGE_DIR), stats))).encode())
