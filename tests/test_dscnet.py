@@ -664,7 +664,8 @@ def test_pgcl_split_groups_numpy_reference():
 
 def test_pgcl_split_groups_train():
   """PGCL on split groups gives a finite loss and a backbone gradient; with a background
-  cluster mixed with object cells it has more anchors than the majority grouping."""
+  cluster mixed with object cells it has at least as many groups as the majority grouping
+  (each cluster splits into one group or more)."""
   got = {}
   for groups_kind in ("majority", "split"):
     cfg = _config(variant="pgcl_only", **{"reconstructed.pgcl_groups": groups_kind,

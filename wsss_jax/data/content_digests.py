@@ -5,8 +5,8 @@ trained on it) must name the files' bytes, not their timestamps: a copy of the s
 (`cp -r`, a fresh sync of a data bucket) has new mtimes and the same content, and must
 reuse what was built from it. Hashing every file on every scan would cost seconds on VOC +
 SBD (~2.5 GB), so a memo keeps each file's digest with the (size, mtime_ns) it was
-computed at and a scan rehashes only the files whose stat changed (the rule `make` and
-rsync use: a file rewritten with the same size and mtime keeps its old digest).
+computed at and a scan rehashes only the files whose stat changed (rsync's quick check:
+a file rewritten with the same size and mtime keeps its old digest).
 
 The memo is one JSON file per folder, under the data cache; a memo that cannot be read
 is recomputed, one that cannot be written only costs the next scan the hashing.
@@ -61,16 +61,15 @@ def digests(folder: str, stats: Sequence[tuple[str, int, int]],
   """
   path = memo_path(memo_dir, folder) if memo_dir else None
   known = _read_memo(path, folder) if path else {}
-  def memoised(name: str, size: int, mtime: int) -> str | None:
-    entry = known.get(name)
-    return entry[2] if entry is not None and entry[:2] == [size, mtime] else None
-
-  todo = sum(memoised(*st) is None for st in stats)
-  if todo > 100:
-    logging.info("Hashing %d files of %s (memoised in %s)", todo, folder, path)
+  memoised = {name: e[2] for name, e in known.items() if len(e) == 3}
+  todo = [name for name, size, mtime in stats
+          if known.get(name, [None, None])[:2] != [size, mtime] or name not in memoised]
+  if len(todo) > 100:
+    logging.info("Hashing %d files of %s (memoised in %s)", len(todo), folder, path)
+  fresh = {name: file_digest(os.path.join(folder, name)) for name in todo}
   files, out = {}, []
   for name, size, mtime in stats:
-    digest = memoised(name, size, mtime) or file_digest(os.path.join(folder, name))
+    digest = fresh.get(name) or memoised[name]
     files[name] = [size, mtime, digest]
     out.append((name, size, digest))
   if path and (todo or len(files) != len(known)):

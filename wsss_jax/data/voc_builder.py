@@ -197,6 +197,7 @@ def scan(root: str, class_names: Iterable[str] = (), digest_memo_dir: str | None
     entries[split], split_problems[split] = _parse_split_file(path)
     with open(path, "rb") as f:
       h.update(repr((split, hashlib.sha256(f.read()).hexdigest())).encode())
+
   def content(folder: str, stats: list) -> list:
     try:
       return content_digests.digests(folder, stats, digest_memo_dir)
