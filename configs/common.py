@@ -231,6 +231,10 @@ def plug_in(c: mlc.ConfigDict, *, baseline_steps: int, method_steps: int) -> mlc
   c.stages = "data,baseline,train,cams,sweep,pseudo,seg,evaluate"
   c.baseline.num_steps = int(baseline_steps)
   c.baseline.optim = mlc.ConfigDict(c.optim.to_dict())
+  # The segmenter's own optimizer block, the control's (its learning rate is `seg.lr`):
+  # a method config that changes `optim` for its train stage (SPML's SGD, CSRM's Nesterov)
+  # must not change the segmentation model its labels are judged by.
+  c.seg.optim = mlc.ConfigDict({k: v for k, v in c.optim.to_dict().items() if k != "lr"})
   c.train.num_steps = int(method_steps)
   c.train.init_from = "baseline"
   return c

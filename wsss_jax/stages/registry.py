@@ -374,6 +374,10 @@ SEG_EVAL_KEYS = ("scales", "flip", "crf")   # evaluation only: the evaluate stag
 def _seg_settings(config: Config) -> Settings:
   out = training_settings(config, "seg", steps="seg.num_steps", lr="seg.lr",
                           batch="seg.batch_size")
+  if get(config, "seg.optim") is not None:
+    # The protocol's segmenter has its own optimizer block (configs/common.py:plug_in,
+    # flattened with `seg` below): the method phase's `optim.*` does not decide it.
+    out = {k: v for k, v in out.items() if not k.startswith("optim.")}
   out.update(_flat(config, "seg", exclude=SEG_EVAL_KEYS + ("num_steps", "lr",
                                                            "batch_size")))
   if get(config, "seg.pseudo_source", "pseudo") == "pseudo" and not LABEL_STAGE_DIRS.get(

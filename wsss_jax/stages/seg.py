@@ -3,8 +3,10 @@
 `config.seg.pseudo_source`: `pseudo` (the PNGs of `seg.pseudo_dir`, by default the pseudo
 stage's; 255 ignored) or `gt` (the ground-truth masks: the fully supervised upper bound
 with the same backbone and schedule, into `seg_gt/`). Steps, learning rate and batch size
-come from `config.seg`; everything else (optimizer kind, schedule, augmentation, mesh) from
-the main config.
+come from `config.seg`, and the optimizer from `config.seg.optim` where the config has that
+block (the protocol's configs: every row's segmenter trains alike, whatever optimizer the
+method's train stage used); everything else (augmentation, mesh, and the optimizer of
+configs without the block) from the main config.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def seg_config(config: mlc.ConfigDict) -> mlc.ConfigDict:
   """The main config with the segmentation schedule in `train`/`optim`/`data`."""
   c = mlc.ConfigDict(config.to_dict())
   c.train.num_steps = int(config.seg.num_steps)
+  if "optim" in config.seg:
+    c.optim = mlc.ConfigDict(config.seg.optim.to_dict())
   c.optim.lr = float(config.seg.lr)
   c.data.batch_size = int(config.seg.batch_size)
   return c
