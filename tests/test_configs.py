@@ -86,7 +86,6 @@ def test_cli_rejects_misspelt_override(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))
 
 
-
 PROTOCOL_METHODS = ("csrm", "fbr", "spml", "dscnet")
 
 
