@@ -185,6 +185,9 @@ def base_config(*, method: str, dataset: str, runlocal: bool) -> mlc.ConfigDict:
       bg_threshold=0.05, crf="label", crf_iters=10))
   c.seg = mlc.ConfigDict(dict(
       pseudo_source="pseudo",   # pseudo | gt (fully supervised upper bound)
+      # The labels' folder, relative to the work directory or absolute (labels made
+      # elsewhere): 'pseudo' = the pseudo stage's; SPML's configs set spml/pseudo.
+      pseudo_dir="pseudo",
       decoder="deeplabv3plus",  # deeplabv3plus | light (models/heads.py LightSegHead)
       num_steps=150 if runlocal else 20000, lr=0.007, batch_size=16,
       scales=(1.0,) if runlocal else (0.5, 1.0, 1.5, 2.0), flip=True, crf=False))

@@ -85,7 +85,11 @@ def spml_setup(c, *, weak_label: str, code_weights: bool, cam_steps: int,
     c.cams.variables = "baseline"
     c.train.num_steps = spml_steps
   else:
+    # Points, scribbles and boxes need no CAMs: SPML trains from ImageNet for the steps
+    # the tags row spends on baseline + SPML, so no warm start (plug_in's 'baseline'
+    # would name a stage this pipeline does not run).
     c.stages = WEAK_STAGES
+    c.train.init_from = ""
     c.train.num_steps = cam_steps + spml_steps
   return c
 

@@ -356,8 +356,20 @@ def seg_home(config: Config) -> str:
   return "seg" if get(config, "seg.pseudo_source", "pseudo") == "pseudo" else "seg_gt"
 
 
+SEG_EVAL_KEYS = ("scales", "flip", "crf")   # evaluation only: the evaluate stage's
+DEFAULT_LABEL_DIR = "pseudo"   # seg.pseudo_dir's default: the pseudo stage's folder
+
+
 def _label_dir(config: Config) -> str:
-  return str(get(config, "seg.pseudo_dir", "pseudo") or "pseudo")
+  return str(get(config, "seg.pseudo_dir", DEFAULT_LABEL_DIR) or DEFAULT_LABEL_DIR)
+
+
+def recorded_seg_keys(seg_block: dict[str, Any]) -> dict[str, Any]:
+  """The `config.seg` keys a segmenter's records hold (its fingerprint, its inputs.json):
+  all but the evaluation ones, and `pseudo_dir` only away from its default, so that work
+  directories made before every config had the key keep their fingerprints."""
+  return {k: v for k, v in seg_block.items() if k not in SEG_EVAL_KEYS
+          and not (k == "pseudo_dir" and (v or DEFAULT_LABEL_DIR) == DEFAULT_LABEL_DIR)}
 
 
 def _seg_needs(config: Config) -> tuple[Need, ...]:
@@ -368,9 +380,6 @@ def _seg_needs(config: Config) -> tuple[Need, ...]:
                             if producer else ())
 
 
-SEG_EVAL_KEYS = ("scales", "flip", "crf")   # evaluation only: the evaluate stage's
-
-
 def _seg_settings(config: Config) -> Settings:
   out = training_settings(config, "seg", steps="seg.num_steps", lr="seg.lr",
                           batch="seg.batch_size")
@@ -378,11 +387,10 @@ def _seg_settings(config: Config) -> Settings:
     # The protocol's segmenter has its own optimizer block (configs/common.py:plug_in,
     # flattened with `seg` below): the method phase's `optim.*` does not decide it.
     out = {k: v for k, v in out.items() if not k.startswith("optim.")}
-  out.update(_flat(config, "seg", exclude=SEG_EVAL_KEYS + ("num_steps", "lr",
-                                                           "batch_size")))
-  if get(config, "seg.pseudo_source", "pseudo") == "pseudo" and not LABEL_STAGE_DIRS.get(
-      _label_dir(config)):
-    out["seg.pseudo_dir"] = _label_dir(config)   # labels from elsewhere: their path
+  out.update(_flat(config, "seg", exclude=SEG_EVAL_KEYS + ("num_steps", "lr", "batch_size",
+                                                           "pseudo_dir")))
+  if _label_dir(config) != DEFAULT_LABEL_DIR:
+    out["seg.pseudo_dir"] = _label_dir(config)   # see recorded_seg_keys
   return out
 
 

@@ -59,15 +59,14 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 def label_dir(config: mlc.ConfigDict, workdir: str) -> str:
   """The pseudo-label folder: `seg.pseudo_dir` under the workdir ('pseudo' = the pseudo
   stage's; SPML's configs use 'spml/pseudo', the spml_labels stage's)."""
-  return os.path.join(workdir, config.seg.get("pseudo_dir", "pseudo"))
+  return os.path.join(workdir, config.seg.get("pseudo_dir") or registry.DEFAULT_LABEL_DIR)
 
 
 def training_inputs(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """What the segmentation model is trained from: the label source and its settings."""
   inputs = {"pseudo_source": config.seg.pseudo_source,
             # Training keys only: evaluation settings (scales, flip, crf) may change freely.
-            "seg": {k: v for k, v in config.seg.to_dict().items()
-                    if k not in registry.SEG_EVAL_KEYS},
+            "seg": registry.recorded_seg_keys(config.seg.to_dict()),
             "backbone": config.model.backbone}
   settings = os.path.join(label_dir(config, workdir), "settings.json")
   if config.seg.pseudo_source == "pseudo" and fs.exists(settings):
